@@ -1,0 +1,1 @@
+"""Cluster configurations and the local multi-node setup (later issues)."""

@@ -1,0 +1,13 @@
+"""User-facing errors: entry points turn these into one line on stderr and exit code 2."""
+
+
+class UserError(Exception):
+    """Something the user gave (a flag, a file, a server) is wrong; the message says what."""
+
+
+class DataError(UserError):
+    """The dataset is missing, malformed, or laid out in a way we cannot read."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is out of range or unknown."""

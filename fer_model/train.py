@@ -1,0 +1,104 @@
+"""`python -m fer_model.train`: train one configuration, print the study's epoch lines, evaluate on test.
+
+    python -m fer_model.train --preset seed-best --data ../shared/data/fer2013/fer2013-msambare.tar.gz
+
+Writes ``checkpoint.pt`` after every epoch (``--resume`` continues from it), then the test
+evaluation (metrics.json, classification report, confusion matrix, ROC and learning curves).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from fer_model import data as fdata
+from fer_model import metrics as M
+from fer_model.cli import Parser, add_dataclass_flags, given, run_cli
+from fer_model.config import config_to_dict
+from fer_model.errors import ConfigError, DataError
+from fer_model.evaluate import evaluate, save_evaluation
+from fer_model.model import build_model, count_parameters
+from fer_model.presets import PRESETS, STUDY_TEST_ACC
+from fer_model.training import EpochResult, TrainConfig, default_device, fit, load_checkpoint, save_checkpoint
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m fer_model.train", description="Train one FER2013 configuration and evaluate it on test.")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the study's configurations; other flags override")
+    p.add_argument("--data", help="FER2013 folder, .zip, .tar.gz or .csv (else $FER2013_DATA, ./data/fer2013, kagglehub)")
+    p.add_argument("--max-samples", type=int, help="train on a stratified subset of this many Training images")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="stratified share of Training held out (default 0.1)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the validation split and subsets (default 0)")
+    p.add_argument("--cache-dir", help="decoded-data cache (default $FER2013_CACHE or ~/.cache/fer2013)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--out", help="output folder (default outputs/train-<preset>-<time>)")
+    p.add_argument("--resume", help="a checkpoint.pt to continue from")
+    add_dataclass_flags(p, TrainConfig)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    values = dict(PRESETS.get(args.preset, {}))
+    values.update(given(args, [f.name for f in dataclasses.fields(TrainConfig)]))
+    cfg = TrainConfig.from_dict(values)
+    data_cfg = fdata.DataConfig(args.data, args.val_fraction, args.max_samples, args.data_seed, args.cache_dir)
+    try:
+        device = torch.device(args.device) if args.device else default_device()
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda given but no CUDA device is available")
+    except RuntimeError as exc:
+        raise ConfigError(f"--device: {exc}") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    resume = None
+    if args.resume:
+        try:
+            resume = load_checkpoint(args.resume)
+        except (OSError, RuntimeError, EOFError) as exc:
+            raise DataError(f"cannot read checkpoint {args.resume!r}: {exc}") from None
+    out = Path(args.out or f"outputs/train-{args.preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    data = fdata.load(data_cfg)
+    model_params = count_parameters(build_model(cfg.arch, cfg.dropout, cfg.conv3_channels, cfg.hidden))
+    print(f"data: {fdata.describe(data)}")
+    print(f"config: {json.dumps(cfg.to_dict())}")
+    print(f"model: {cfg.arch}, {model_params:,} parameters, device {device}, threads {torch.get_num_threads()}")
+
+    def on_epoch(r: EpochResult) -> None:
+        m = r.metrics
+        print(f"Epoch {r.epoch - 1}/{cfg.epochs - 1}, Loss: {m[M.TRAIN_LOSS]:.4f}, Accuracy: {100 * m[M.TRAIN_ACC]:.2f}%, "
+              f"Val Loss: {m[M.VAL_LOSS]:.4f}, Val Accuracy: {100 * m[M.VAL_ACC]:.2f}% "
+              f"({m[M.EPOCH_SECONDS]:.1f} s, {m[M.IMAGES_PER_SECOND]:.0f} img/s)", flush=True)
+        save_checkpoint(r.checkpoint(), out / "checkpoint.pt")
+
+    t0 = time.perf_counter()
+    result = fit(cfg, data, on_epoch=on_epoch, device=device, resume=resume)
+    train_seconds = time.perf_counter() - t0
+    ev = evaluate(result.model, data.test, device)
+    save_evaluation(ev, out, result.history, title=args.preset or cfg.arch)
+    summary = {"status": result.status, "config": cfg.to_dict(), "data": config_to_dict(data_cfg),
+               "sizes": data.sizes(), "train_seconds": train_seconds, "device": str(device),
+               "history": result.history, "test": ev.metrics}
+    (out / "run.json").write_text(json.dumps(summary, indent=2))
+    m = ev.metrics
+    halves = " ".join(f"{k.split('_')[1].capitalize()}Test {100 * m[k]:.2f}%" for k in (M.TEST_PUBLIC_ACC, M.TEST_PRIVATE_ACC) if k in m)
+    study = STUDY_TEST_ACC.get(args.preset or "")
+    print(f"{result.status}: {result.epochs_completed} epochs in {train_seconds:.0f} s")
+    print(f"Test Accuracy: {100 * m[M.TEST_ACC]:.2f}% ({halves}), macro F1 {m[M.TEST_MACRO_F1]:.4f}"
+          + (f"; the study: {100 * study:.2f}%" if study else ""))
+    print(ev.report_text)
+    print(f"wrote {out}/ (run.json, metrics.json, figures, checkpoint.pt)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,322 @@
+"""TrainConfig and `fit`: one configuration trained on in-memory uint8 tensors.
+
+The hot loop follows cifar10-airbench rather than the study's notebook: the whole dataset sits on
+the training device as one uint8 tensor, batches are index gathers, augmentation is done on whole
+batches, and there is no DataLoader or PIL. Losses and accuracies are accumulated on the device so
+the loop does not synchronise every step. `benchmarks/throughput.py` measures the difference.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fer_model import metrics as M
+from fer_model.augment import augment_batch
+from fer_model.config import config_from_dict, config_to_dict
+from fer_model.data import FerData, Split
+from fer_model.errors import ConfigError
+from fer_model.model import ARCHITECTURES, build_model
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULES = ("none", "step", "cosine", "onecycle")
+# "step": StepLR(step_size=7, gamma=0.1). Every loss curve in the study falls by 15-30% in one
+# epoch at epoch 7 (e.g. 0.6651 -> 0.4734) and flattens after: the signature of this schedule.
+STEP_EPOCHS, STEP_GAMMA = 7, 0.1
+EVAL_BATCH = 1024
+STATUS_COMPLETED, STATUS_DIVERGED, STATUS_STOPPED = "completed", "diverged", "stopped"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one training run (the hyperparameters Tune searches over)."""
+
+    arch: str = "cnn"
+    conv3_channels: int = 128
+    hidden: int = 128
+    dropout: float = 0.5
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: int = 10
+    schedule: str = "none"
+    label_smoothing: float = 0.0
+    flip: bool = False
+    translate: int = 0
+    seed: int = 0
+    bf16: bool = True  # autocast to bfloat16; only takes effect on CUDA
+    channels_last: bool = True  # measured faster on CPU too (see benchmarks/RESULTS.md)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.arch in ARCHITECTURES, f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (_finite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}"),
+            (_finite(self.dropout) and 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (_finite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (int(self.batch_size) == self.batch_size and self.batch_size >= 1, f"batch_size must be an integer >= 1, got {self.batch_size}"),
+            (int(self.epochs) == self.epochs and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs}"),
+            (0 <= self.translate <= 16, f"translate must be within 0..16 pixels, got {self.translate}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        # Tune and YAML hand over numpy/float values; normalise so params and checkpoints are clean.
+        object.__setattr__(self, "batch_size", int(self.batch_size))
+        object.__setattr__(self, "epochs", int(self.epochs))
+        object.__setattr__(self, "lr", float(self.lr))
+        object.__setattr__(self, "dropout", float(self.dropout))
+        object.__setattr__(self, "weight_decay", float(self.weight_decay))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """The one conversion from a plain dict (Tune's config, a preset); unknown keys are errors."""
+        return config_from_dict(cls, values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+
+def _finite(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+@dataclass
+class EpochResult:
+    """What the per-epoch callback receives: the epoch number (1-based), metrics, and the state."""
+
+    epoch: int
+    metrics: dict[str, float]
+    state: Callable[[], dict[str, Any]] = field(repr=False)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The full training state after this epoch (see `save_checkpoint`)."""
+        return self.state()
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    history: list[dict[str, float]]
+    status: str
+    config: TrainConfig
+
+    @property
+    def epochs_completed(self) -> int:
+        return len(self.history)
+
+    @property
+    def final_val_acc(self) -> float:
+        return self.history[-1][M.VAL_ACC] if self.history else float("nan")
+
+    @property
+    def best_val_acc(self) -> float:
+        return max((h[M.VAL_ACC] for h in self.history), default=float("nan"))
+
+
+EpochCallback = Callable[[EpochResult], "bool | None"]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(schedule: str, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based)."""
+    if schedule == "step":
+        return STEP_GAMMA ** (step // (STEP_EPOCHS * steps_per_epoch))
+    progress = min(step / max(total_steps, 1), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "onecycle":  # 30% linear warm-up from lr/25, then cosine down to ~0
+        warm = 0.3
+        if progress < warm:
+            return 0.04 + 0.96 * progress / warm
+        return 0.5 * (1 + math.cos(math.pi * (progress - warm) / (1 - warm)))
+    return 1.0
+
+
+def to_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 (B, 1, 48, 48) -> float in [0, 1], the model's input (the study's ToTensor scaling)."""
+    x = images.float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, device: torch.device | str | None = None,
+            batch_size: int = EVAL_BATCH, channels_last: bool = True, bf16: bool = True) -> torch.Tensor:
+    """The model's raw outputs (logits, or probabilities for Model 1) for uint8 images, on CPU as float32."""
+    device = torch.device(device) if device else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outs = []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+    with autocast:
+        for i in range(0, images.shape[0], batch_size):
+            x = to_input(images[i:i + batch_size].to(device, non_blocking=True), channels_last)
+            outs.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(outs).cpu() if outs else torch.zeros(0, 7)
+
+
+def _loss_acc(model: nn.Module, split: Split, cfg: TrainConfig, device: torch.device) -> tuple[float, float]:
+    out = predict(model, split.images, device, channels_last=cfg.channels_last, bf16=cfg.bf16)
+    labels = split.labels.cpu()
+    loss = F.cross_entropy(out, labels).item()
+    acc = (out.argmax(1) == labels).float().mean().item()
+    return loss, acc
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, split: Split,
+                    cfg: TrainConfig, shuffle: torch.Generator, aug: torch.Generator | None) -> tuple[float, float]:
+    """One pass over `split` (already on the model's device). Returns (mean loss, accuracy)."""
+    device = split.images.device
+    n = len(split)
+    order = torch.randperm(n, generator=shuffle).to(device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    model.train()
+    for step, start in enumerate(range(0, n, cfg.batch_size)):
+        idx = order[start:start + cfg.batch_size]
+        x = split.images[idx]
+        if cfg.flip or cfg.translate:
+            x = augment_batch(x, cfg.flip, cfg.translate, aug)
+        x = to_input(x, cfg.channels_last)
+        y = split.labels[idx]
+        with autocast:
+            out = model(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * y.shape[0]
+        correct += (out.detach().argmax(1) == y).sum()
+        # A cheap sync every 50 steps so a diverged run stops within the epoch.
+        if step % 50 == 49 and not torch.isfinite(loss_sum):
+            return float("nan"), correct.item() / max(start + len(idx), 1)
+    return loss_sum.item() / n, correct.item() / n
+
+
+def fit(cfg: TrainConfig, data: FerData, on_epoch: EpochCallback | None = None,
+        device: torch.device | str | None = None, resume: Mapping[str, Any] | None = None) -> FitResult:
+    """Train `cfg` on `data.train`, validating on `data.val` after every epoch.
+
+    `on_epoch` receives an `EpochResult` after each epoch; returning True stops the run
+    (status "stopped"). A non-finite training loss ends the run as "diverged". `resume` is a
+    checkpoint from `EpochResult.checkpoint()` / `load_checkpoint`: training continues after its
+    epoch with the same optimizer, schedule and random state, so the result matches an
+    uninterrupted run.
+    """
+    device = torch.device(device) if device else default_device()
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch, cfg.dropout, cfg.conv3_channels, cfg.hidden).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model.parameters())
+    train, val = data.train.to(device), data.val.to(device)  # once; batches are gathers from here
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(cfg.schedule, s, steps_per_epoch, total_steps))
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    aug = torch.Generator(device=device).manual_seed(cfg.seed + 1) if (cfg.flip or cfg.translate) else None
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+
+    if resume is not None:
+        _check_resumable(cfg, resume)
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        history = [dict(h) for h in resume["history"]]
+        start_epoch = int(resume["epoch"])
+        rng = resume["rng"]
+        torch.set_rng_state(rng["torch"])
+        shuffle.set_state(rng["shuffle"])
+        if aug is not None and "augment" in rng:
+            aug.set_state(rng["augment"].to(aug.get_state().device))
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+
+    def state(epoch: int) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state()}
+        if aug is not None:
+            rng["augment"] = aug.get_state().cpu()
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "history": [dict(h) for h in history],
+                "rng": rng, "config": cfg.to_dict()}
+
+    status = STATUS_COMPLETED
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        lr_now = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = train_one_epoch(model, optimizer, scheduler, train, cfg, shuffle, aug)
+        train_seconds = time.perf_counter() - t0
+        val_loss, val_acc = _loss_acc(model, val, cfg, device)
+        row = {M.TRAIN_LOSS: train_loss, M.TRAIN_ACC: train_acc, M.VAL_LOSS: val_loss, M.VAL_ACC: val_acc,
+               M.EPOCH_SECONDS: time.perf_counter() - t0, M.IMAGES_PER_SECOND: len(train) / train_seconds,
+               M.LR: lr_now}
+        history.append(row)
+        diverged = not math.isfinite(train_loss)
+        stop = on_epoch(EpochResult(epoch + 1, dict(row), lambda e=epoch + 1: state(e))) if on_epoch else None
+        if diverged:
+            status = STATUS_DIVERGED
+            break
+        if stop:
+            status = STATUS_STOPPED
+            break
+    return FitResult(model=model, history=history, status=status, config=cfg)
+
+
+# Fields that may differ between a checkpoint and the run resuming it.
+_RESUMABLE_CHANGES = {"epochs"}
+
+
+def _check_resumable(cfg: TrainConfig, ckpt: Mapping[str, Any]) -> None:
+    saved = dict(ckpt.get("config", {}))
+    now = cfg.to_dict()
+    diff = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if diff:
+        raise ConfigError(f"checkpoint was written by a different configuration ({', '.join(diff)} differ)")
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
+    """Write a training state to `path` atomically (a crash mid-write leaves the old file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(dict(state), tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a training state with ``weights_only=True``: tensors and plain values only, no pickled code."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)

@@ -1,0 +1,112 @@
+"""fit(): it learns, it is deterministic, it resumes exactly, it reports divergence as a result."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fer_model import data as D
+from fer_model import metrics as M
+from fer_model.augment import augment_batch
+from fer_model.errors import ConfigError
+from fer_model.training import TrainConfig, fit, load_checkpoint, lr_factor, save_checkpoint
+
+FAST = dict(batch_size=32, lr=2e-3, dropout=0.3, conv3_channels=64, hidden=64)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
+    return D.load(D.DataConfig(path=str(tiny_folder), val_fraction=0.25), progress=False)
+
+
+def test_a_short_run_really_learns(tiny):
+    seen = []
+    result = fit(TrainConfig(epochs=6, **FAST), tiny, on_epoch=lambda r: seen.append(r.epoch), device="cpu")
+    assert result.status == "completed" and seen == [1, 2, 3, 4, 5, 6]
+    first, last = result.history[0], result.history[-1]
+    assert set(M.EPOCH_METRICS) <= set(last)
+    assert last[M.TRAIN_LOSS] < first[M.TRAIN_LOSS]
+    assert last[M.VAL_ACC] >= 0.6, result.history  # chance is 1/7
+
+
+def test_same_seed_same_metrics_and_other_seed_differs(tiny):
+    cfg = TrainConfig(epochs=2, **FAST)
+    a = fit(cfg, tiny, device="cpu").history
+    b = fit(cfg, tiny, device="cpu").history
+    c = fit(TrainConfig(epochs=2, seed=1, **{k: v for k, v in FAST.items()}), tiny, device="cpu").history
+    strip = lambda h: [{k: v for k, v in row.items() if k not in (M.EPOCH_SECONDS, M.IMAGES_PER_SECOND)} for row in h]
+    assert strip(a) == strip(b)
+    assert strip(a) != strip(c)
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny, tmp_path):
+    cfg = TrainConfig(epochs=3, schedule="cosine", flip=True, translate=2, **FAST)
+    full = fit(cfg, tiny, device="cpu")
+    path = tmp_path / "ckpt.pt"
+    # Interrupt after epoch 2: the callback saves a checkpoint and asks to stop.
+    part = fit(cfg, tiny, device="cpu", on_epoch=lambda r: (save_checkpoint(r.checkpoint(), path), r.epoch == 2)[1])
+    assert part.status == "stopped" and part.epochs_completed == 2
+    resumed = fit(cfg, tiny, device="cpu", resume=load_checkpoint(path))
+    assert resumed.epochs_completed == 3
+    key = lambda h: [(r[M.TRAIN_LOSS], r[M.VAL_ACC]) for r in h]
+    assert key(resumed.history) == key(full.history)
+    for p, q in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
+        torch.testing.assert_close(p, q)
+
+
+def test_checkpoint_of_another_config_is_refused(tiny, tmp_path):
+    path = tmp_path / "c.pt"
+    fit(TrainConfig(epochs=1, **FAST), tiny, device="cpu", on_epoch=lambda r: save_checkpoint(r.checkpoint(), path))
+    with pytest.raises(ConfigError, match="lr"):
+        fit(TrainConfig(epochs=2, **{**FAST, "lr": 0.5}), tiny, device="cpu", resume=load_checkpoint(path))
+
+
+def test_divergence_is_a_result_not_a_crash(tiny):
+    result = fit(TrainConfig(epochs=5, optimizer="sgd", lr=1e6, batch_size=16, dropout=0.0), tiny, device="cpu")
+    assert result.status == "diverged"
+    assert result.epochs_completed < 5 or not math.isfinite(result.history[-1][M.TRAIN_LOSS])
+    assert not math.isfinite(result.history[-1][M.TRAIN_LOSS])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd", "rmsprop"])
+def test_every_optimizer_trains(tiny, optimizer):
+    result = fit(TrainConfig(epochs=1, optimizer=optimizer, lr=1e-3, batch_size=64, conv3_channels=64, hidden=64), tiny, device="cpu")
+    assert result.status == "completed" and math.isfinite(result.history[0][M.TRAIN_LOSS])
+
+
+@pytest.mark.parametrize("bad", [dict(lr=0), dict(lr=-1e-3), dict(dropout=1.0), dict(dropout=-0.1),
+                                 dict(optimizer="lbfgs"), dict(batch_size=0), dict(schedule="exp"), dict(epochs=0)])
+def test_bad_configs_are_rejected(bad):
+    with pytest.raises(ConfigError):
+        TrainConfig(**bad)
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(ConfigError, match="unknown TrainConfig key.*learning_rate"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+    assert TrainConfig.from_dict({"lr": 0.01}).lr == 0.01
+
+
+def test_schedules():
+    assert lr_factor("none", 500, 10, 100) == 1.0
+    assert lr_factor("step", 69, 10, 150) == 1.0 and lr_factor("step", 70, 10, 150) == pytest.approx(0.1)
+    assert lr_factor("cosine", 0, 10, 100) == 1.0 and lr_factor("cosine", 100, 10, 100) == pytest.approx(0.0)
+    assert lr_factor("onecycle", 0, 10, 100) == pytest.approx(0.04) and lr_factor("onecycle", 30, 10, 100) == pytest.approx(1.0)
+
+
+def test_augmentation_flips_and_translates_whole_batches():
+    x = torch.arange(2 * 48 * 48, dtype=torch.float32).reshape(2, 1, 48, 48)
+    g = torch.Generator().manual_seed(0)
+    flipped = augment_batch(x, flip=True, translate=0, generator=g)
+    for i in range(2):
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
+    shifted = augment_batch(x, flip=False, translate=3, generator=torch.Generator().manual_seed(1))
+    assert shifted.shape == x.shape
+    # Each output is the input moved by (dy, dx) within [-3, 3], zero-filled at the border.
+    for i in range(2):
+        found = any(
+            torch.equal(shifted[i, 0, 3:45, 3:45], x[i, 0, 3 + dy:45 + dy, 3 + dx:45 + dx])
+            for dy in range(-3, 4) for dx in range(-3, 4))
+        assert found
