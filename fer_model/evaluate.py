@@ -105,7 +105,7 @@ def save_evaluation(ev: Evaluation, out_dir: str | Path, history: Sequence[dict[
     return paths
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -115,7 +115,7 @@ def _pyplot():
 
 
 def plot_confusion(confusion: np.ndarray, path: Path, title: str = "") -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=45, ha="right")
@@ -134,7 +134,7 @@ def plot_confusion(confusion: np.ndarray, path: Path, title: str = "") -> Path:
 
 
 def plot_roc(roc: dict[str, dict[str, list[float]]], path: Path, title: str = "") -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 6))
     for name, r in roc.items():
         ax.plot(r["fpr"], r["tpr"], label=f"{name} (AUC {r['auc']:.2f})")
@@ -151,7 +151,7 @@ def plot_roc(roc: dict[str, dict[str, list[float]]], path: Path, title: str = ""
 
 def plot_learning_curves(histories: dict[str, Sequence[dict[str, float]]], path: Path, title: str = "") -> Path:
     """Loss and accuracy per epoch (train dashed, validation solid), one colour per run."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (label, hist) in enumerate(histories.items()):
         epochs = range(1, len(hist) + 1)

@@ -7,10 +7,6 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fer2013"
-SHARED_TARBALL = SHARED_DATA / "fer2013-msambare.tar.gz"
-SHARED_CSV_HEAD = SHARED_DATA / "fer2013-csv-head1167.csv.gz"
-
 # Keep threads low: the suite runs on 2-core CI machines, often beside Ray workers.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -27,7 +23,3 @@ def tiny_folder(tmp_path_factory) -> Path:
     from synthetic import write_folder
 
     return write_folder(tmp_path_factory.mktemp("tiny") / "fer2013", per_class_train=40, per_class_test=8)
-
-
-def requires_shared(path: Path):
-    return pytest.mark.skipif(not path.exists(), reason=f"real FER2013 not found at {path} (../shared is absent)")

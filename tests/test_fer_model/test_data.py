@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_CSV_HEAD, SHARED_TARBALL, requires_shared
+from helpers import SHARED_CSV_HEAD, SHARED_TARBALL, requires_shared
 from PIL import Image
 from synthetic import make_split, write_csv, write_folder, write_targz, write_zip
 

@@ -1,0 +1,121 @@
+"""`python -m tuning.grid` end to end: real local Ray, real MLflow (sqlite, and a real server), read back
+through MlflowClient only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from helpers import artifact_names, run_main
+from mlflow.tracking import MlflowClient
+
+from fer_model import metrics as M
+from tuning import final, grid
+from tuning import names as N
+
+FAST = ["--epochs", 2, "--final-epochs", 2, "--batch-size", 64]
+EVALUATION_FILES = {"confusion_matrix.png", "roc_curves.png", "classification_report.txt",
+                    "classification_report.json", "learning_curves.png"}
+
+
+def runs_of(client: MlflowClient, experiment: str = N.DEFAULT_EXPERIMENT):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=500)
+
+
+def check_pipeline(client: MlflowClient, expected_trials: set[tuple[float, float]], epochs: int = 2) -> dict:
+    runs = runs_of(client)
+    by_stage = {}
+    for r in runs:
+        by_stage.setdefault(r.data.tags.get(N.TAG_STAGE), []).append(r)
+    assert len(by_stage[N.STAGE_GRID]) == 1
+    parent = by_stage[N.STAGE_GRID][0]
+    assert parent.info.status == "FINISHED"
+    trials = by_stage[N.STAGE_TRIAL]
+    assert {(float(t.data.params["dropout"]), float(t.data.params["lr"])) for t in trials} == expected_trials
+    assert len(trials) == len(expected_trials)
+    for t in trials:
+        assert t.data.tags[N.TAG_PARENT] == parent.info.run_id
+        assert t.data.tags[N.TAG_TRIAL_ID] and t.info.status == "FINISHED"
+        assert t.data.tags[N.TAG_OUTCOME] == N.OUTCOME_COMPLETED and t.data.tags[N.TAG_STOPPED_EARLY] == "false"
+        assert t.data.params["batch_size"] == "64" and t.data.params["optimizer"] == "adam"
+        for name in (M.TRAIN_LOSS, M.TRAIN_ACC, M.VAL_LOSS, M.VAL_ACC, M.EPOCH_SECONDS):
+            assert [m.step for m in client.get_metric_history(t.info.run_id, name)] == list(range(1, epochs + 1))
+        assert t.data.metrics[N.FINAL_VAL_ACC] == t.data.metrics[M.VAL_ACC]
+    assert len({t.data.tags[N.TAG_TRIAL_ID] for t in trials}) == len(trials)
+    assert artifact_names(client, parent.info.run_id) >= {"grid_results.csv", "val_acc_heatmap.png", "learning_curves.png"}
+    assert parent.data.params["best.dropout"] and parent.data.tags[N.TAG_BEST_CONFIG]
+    best_run = parent.data.tags[N.TAG_BEST_TRIAL_RUN]
+    best_val = max(t.data.metrics[M.VAL_ACC] for t in trials)
+    assert next(t for t in trials if t.info.run_id == best_run).data.metrics[M.VAL_ACC] == best_val
+
+    (fin,) = by_stage[N.STAGE_FINAL]
+    assert fin.data.tags[N.TAG_PARENT] == parent.info.run_id and fin.info.status == "FINISHED"
+    for name in (M.TEST_ACC, M.TEST_MACRO_F1, M.TEST_PUBLIC_ACC, M.TEST_PRIVATE_ACC, M.test_f1_name("happy")):
+        assert 0.0 <= fin.data.metrics[name] <= 1.0
+    assert fin.data.metrics[M.TEST_ACC] > 0.3  # the tiny data is learnable: well above 1/7
+    assert artifact_names(client, fin.info.run_id, "evaluation") >= EVALUATION_FILES
+    versions = client.search_model_versions(f"name = '{N.DEFAULT_MODEL_NAME}'")
+    assert len(versions) == 1
+    v = versions[0]
+    assert v.run_id == fin.info.run_id
+    assert float(v.tags[M.TEST_ACC]) == pytest.approx(fin.data.metrics[M.TEST_ACC], abs=1e-4)
+    assert v.tags["parent_run_id"] == parent.info.run_id and v.tags[N.TAG_BEST_TRIAL_RUN] == best_run
+    return {"parent": parent, "final": fin, "version": v}
+
+
+def test_grid_end_to_end_on_sqlite(ray_session, workdir, tiny_folder, capsys):
+    assert run_main(grid.main, ["--data", tiny_folder, *FAST]) == 0
+    out = capsys.readouterr().out
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    got = check_pipeline(client, {(d, lr) for d in (0.3, 0.5, 0.7) for lr in (1e-3, 1e-2, 1e-4)})
+    assert "dropout | lr 0.001" in out and "(57.30%)" in out  # the study's table, beside ours
+    assert f"registered: {N.DEFAULT_MODEL_NAME} version 1" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+
+    # The registered model loads and predicts the 7 classes.
+    import mlflow.pytorch
+    import torch
+
+    mlflow_model = mlflow.pytorch.load_model(f"models:/{N.DEFAULT_MODEL_NAME}/1")
+    assert mlflow_model(torch.rand(3, 1, 48, 48)).shape == (3, 7)
+
+    # `tuning.final` on the finished grid adds a new final run and version; earlier runs stay as they were.
+    before = {r.info.run_id: (r.info.status, r.data.metrics) for r in runs_of(client)}
+    assert run_main(final.main, ["--run-id", got["parent"].info.run_id, "--data", tiny_folder, "--final-epochs", 1]) == 0
+    after = runs_of(client)
+    assert len(after) == len(before) + 1
+    for r in after:
+        if r.info.run_id in before:
+            assert (r.info.status, r.data.metrics) == before[r.info.run_id]
+    assert len(client.search_model_versions(f"name = '{N.DEFAULT_MODEL_NAME}'")) == 2
+
+
+def test_grid_against_a_real_mlflow_server(ray_session, workdir, tiny_folder, mlflow_server):
+    argv = ["--data", tiny_folder, "--dropouts", "0.3,0.5", "--lrs", "1e-3", *FAST, "--tracking-uri", mlflow_server]
+    assert run_main(grid.main, argv) == 0
+    assert not (workdir / "mlflow.db").exists()  # nothing went to the embedded default
+    check_pipeline(MlflowClient(mlflow_server), {(0.3, 1e-3), (0.5, 1e-3)})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lrs", "0"], "lr must be a positive number"),
+    (["--lrs", "1e-3,-1e-2"], "lr must be a positive number"),
+    (["--dropouts", "1.0"], "dropout must be in [0, 1)"),
+    (["--optimizer", "adagrad"], "optimizer must be one of"),
+    (["--batch-size", "0"], "batch_size must be an integer >= 1"),
+    (["--data", "/no/such/folder"], "does not exist"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "is unreachable"),
+    (["--max-samples", "3"], "max_samples must be at least"),
+    (["--gpus-per-trial", "-1"], "--gpus-per-trial must be >= 0"),
+])
+def test_bad_flags_give_one_line_and_exit_2(workdir, capsys, argv, message):
+    assert run_main(grid.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_cli_bad_flag_as_a_process(workdir):
+    proc = subprocess.run([sys.executable, "-m", "tuning.grid", "--dropouts", "abc"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: expected comma-separated numbers, got 'abc'"]

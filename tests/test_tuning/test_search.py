@@ -1,0 +1,122 @@
+"""`python -m tuning.search`: OptunaSearch + ASHA on real Ray, real sqlite MLflow, a real Optuna storage."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from helpers import artifact_names, run_main
+from mlflow.tracking import MlflowClient
+
+from tuning import grid, search
+from tuning import names as N
+from tuning.spaces import DEFAULT_SEARCH_SPACE
+
+
+def _children(client, parent_id):
+    exp = client.get_experiment_by_name(N.DEFAULT_EXPERIMENT)
+    return client.search_runs([exp.experiment_id], f"tags.`{N.TAG_PARENT}` = '{parent_id}' and tags.stage = 'trial'")
+
+
+def _search_run(client):
+    exp = client.get_experiment_by_name(N.DEFAULT_EXPERIMENT)
+    (run,) = client.search_runs([exp.experiment_id], "tags.stage = 'search'")
+    return run
+
+
+def test_search_seeded_by_the_grid_with_asha(ray_session, workdir, tiny_folder):
+    # A finished grid in the same experiment: its best configuration is the search's first trial.
+    assert run_main(grid.main, ["--data", tiny_folder, "--dropouts", "0.5", "--lrs", "2e-3", "--epochs", 1,
+                                "--batch-size", 64, "--no-final"]) == 0
+    argv = ["--data", tiny_folder, "--trials", 5, "--epochs", 3, "--grace-period", 1, "--reduction-factor", 2,
+            "--study-name", "s1", "--final-epochs", 1]
+    assert run_main(search.main, argv) == 0
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    parent = _search_run(client)
+    assert parent.info.status == "FINISHED" and parent.data.tags[N.TAG_STUDY] == "s1"
+    study = optuna.load_study(study_name="s1", storage=f"sqlite:///{workdir / 'optuna.db'}")
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert len(trials) == 5
+    first = trials[0].params
+    assert first["dropout"] == 0.5 and first["lr"] == 2e-3 and first["batch_size"] == 64 and first["optimizer"] == "adam"
+    for t in trials:
+        assert t.params["batch_size"] in (32, 64, 128, 256) and t.params["optimizer"] in ("adam", "adamw", "sgd", "rmsprop")
+        assert 1e-4 <= t.params["lr"] <= 1e-2 or t.number == 0
+        assert 0.2 <= t.params["dropout"] <= 0.7 and 1e-6 <= t.params["weight_decay"] <= 1e-3
+
+    children = _children(client, parent.info.run_id)
+    assert len(children) == 5
+    stopped = [c for c in children if c.data.tags[N.TAG_STOPPED_EARLY] == "true"]
+    for c in children:
+        epochs = len(client.get_metric_history(c.info.run_id, "val_acc"))
+        assert c.info.status == "FINISHED"
+        assert (c.data.tags[N.TAG_OUTCOME] == N.OUTCOME_STOPPED_EARLY) == (epochs < 3)
+    assert stopped, "ASHA with reduction factor 2 stops some of 5 trials"
+    names = artifact_names(client, parent.info.run_id)
+    assert {"search_trials.csv", "optimization_history.png", "parallel_coordinate.png",
+            "slice_batch_size_optimizer.png", "param_importances.png"} <= names
+    finals = client.search_runs([parent.info.experiment_id], f"tags.stage = 'final' and tags.`{N.TAG_PARENT}` = '{parent.info.run_id}'")
+    assert len(finals) == 1 and len(client.search_model_versions(f"name = '{N.DEFAULT_MODEL_NAME}'")) == 1
+
+
+def test_interrupted_search_resumes_without_repeating_trials(ray_session, workdir, tiny_folder):
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    argv = ["--data", tiny_folder, "--trials", 4, "--epochs", 2, "--scheduler", "none", "--max-concurrent", 1,
+            "--study-name", "r1", "--no-final", "--address", ray_session]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tuning.search", *map(str, argv)], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = sum(t.state.is_finished() for t in optuna.load_study(study_name="r1", storage=storage).trials)
+        except Exception:  # noqa: BLE001 - the study is not created yet
+            done = 0
+        if done >= 2:
+            break
+        time.sleep(1)
+    assert done >= 2, proc.communicate(timeout=30)[0].decode()[-3000:] if proc.poll() is not None else "no progress"
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a user interrupts it
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode != 0, out[-2000:]
+    interrupted = len(optuna.load_study(study_name="r1", storage=storage).trials)
+    assert interrupted < 4, "the search was interrupted before finishing"
+
+    assert run_main(search.main, ["--data", tiny_folder, "--resume", "--no-final"]) == 0
+    study = optuna.load_study(study_name="r1", storage=storage)
+    assert len(study.trials) == 4
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 4
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    parent = _search_run(client)  # one search run, continued
+    children = _children(client, parent.info.run_id)
+    assert len(children) == 4 and len({c.data.tags[N.TAG_TRIAL_ID] for c in children}) == 4
+    assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("batch_size: {choice: [32, 64]}\nlearning_rate: {loguniform: [1e-4, 1e-2]}\n", "unknown key 'learning_rate'"),
+    ("lr: {loguniform: [1e-2, 1e-4]}\n", "is empty"),
+    ("lr: {loguniform: [0, 1e-2]}\n", "loguniform needs low > 0"),
+    ("dropout: {uniform: [0.2, 1.5]}\n", "dropout: value 1.5 is not allowed"),
+    ("optimizer: {choice: [adam, lbfgs]}\n", "optimizer: value 'lbfgs' is not allowed"),
+    ("lr: [1, 2\n", "not valid YAML"),
+])
+def test_bad_space_file_gives_one_line_and_exit_2(workdir, capsys, text, message):
+    (workdir / "space.yaml").write_text(text)
+    assert run_main(search.main, ["--space", "space.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "space.yaml" in err
+
+
+def test_starting_point_is_moved_inside_the_space():
+    point = search.starting_point({"dropout": 0.3, "lr": 1e-3, "batch_size": 32, "optimizer": "adam",
+                                   "weight_decay": 0.0, "epochs": 10}, DEFAULT_SEARCH_SPACE)
+    assert point == {"dropout": 0.3, "lr": 1e-3, "batch_size": 32, "optimizer": "adam", "weight_decay": 1e-6}

@@ -1,0 +1,106 @@
+"""The grid and the search space, as data, and their conversion to Ray Tune.
+
+A space file (YAML or JSON) maps TrainConfig fields to one of:
+    {"choice": [v1, v2, ...]}   {"uniform": [low, high]}   {"loguniform": [low, high]}
+    {"randint": [low, high]}    a plain value (held fixed)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from fer_model.errors import ConfigError
+from fer_model.presets import STUDY_PROTOCOL
+from fer_model.training import TrainConfig
+
+# The study's grid: dropout x learning rate, everything else as in the study, 10 epochs a trial.
+STUDY_GRID: dict[str, list[Any]] = {"dropout": [0.3, 0.5, 0.7], "lr": [1e-3, 1e-2, 1e-4]}
+GRID_FIXED: dict[str, Any] = {**STUDY_PROTOCOL, "arch": "cnn", "epochs": 10}
+
+# The study's next steps: batch size and optimizer, with lr, dropout and weight decay.
+DEFAULT_SEARCH_SPACE: dict[str, Any] = {
+    "batch_size": {"choice": [32, 64, 128, 256]},
+    "optimizer": {"choice": ["adam", "adamw", "sgd", "rmsprop"]},
+    "lr": {"loguniform": [1e-4, 1e-2]},
+    "dropout": {"uniform": [0.2, 0.7]},
+    "weight_decay": {"loguniform": [1e-6, 1e-3]},
+}
+SEARCH_FIXED: dict[str, Any] = {**STUDY_PROTOCOL, "arch": "cnn", "epochs": 15}
+
+_KINDS = ("choice", "uniform", "loguniform", "randint")
+
+
+def load_space(path: str | Path) -> dict[str, Any]:
+    """Read and validate a space file; any problem is a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read space file {str(path)!r}: {exc.strerror}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            space = json.loads(text)
+        else:
+            import yaml
+
+            space = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
+        raise ConfigError(f"space file {path}: not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {exc}".splitlines()[0]) from None
+    try:
+        return validate_space(space)
+    except ConfigError as exc:
+        raise ConfigError(f"space file {path}: {exc}") from None
+
+
+def validate_space(space: Any) -> dict[str, Any]:
+    """Check every key is a TrainConfig field and every range is possible; returns the space."""
+    if not isinstance(space, Mapping) or not space:
+        raise ConfigError("a space must be a non-empty mapping of TrainConfig fields to distributions")
+    fields = set(TrainConfig.__dataclass_fields__)
+    for key, spec in space.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key {key!r} (known: {', '.join(sorted(fields))})")
+        if isinstance(spec, Mapping):
+            if len(spec) != 1 or next(iter(spec)) not in _KINDS:
+                raise ConfigError(f"{key}: give exactly one of {', '.join(_KINDS)}, got {dict(spec)}")
+            kind, values = next(iter(spec.items()))
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{key}: {kind} needs a non-empty list")
+            if kind != "choice":
+                if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                    raise ConfigError(f"{key}: {kind} needs [low, high] numbers, got {values}")
+                low, high = values
+                if not low < high:
+                    raise ConfigError(f"{key}: {kind} range [{low}, {high}] is empty (low must be < high)")
+                if kind == "loguniform" and low <= 0:
+                    raise ConfigError(f"{key}: loguniform needs low > 0, got {low}")
+            # Every value the space can produce must make a valid TrainConfig.
+            for v in values:
+                _check_value(key, v)
+        else:
+            _check_value(key, spec)
+    return dict(space)
+
+
+def _check_value(key: str, value: Any) -> None:
+    try:
+        TrainConfig.from_dict({key: value})
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{key}: value {value!r} is not allowed ({exc})") from None
+
+
+def to_tune(space: Mapping[str, Any]) -> dict[str, Any]:
+    """The Ray Tune search space of a validated space."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        if isinstance(spec, Mapping):
+            kind, values = next(iter(spec.items()))
+            out[key] = {"choice": lambda v: tune.choice(v), "uniform": lambda v: tune.uniform(*v),
+                        "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}[kind](values)
+        else:
+            out[key] = spec
+    return out
