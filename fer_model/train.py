@@ -28,6 +28,21 @@ from fer_model.presets import PRESETS, STUDY_TEST_ACC
 from fer_model.training import EpochResult, TrainConfig, default_device, fit, load_checkpoint, save_checkpoint
 
 
+FLAG_HELP = {
+    "arch": "cnn (logits, the study's Model 2) or cnn-softmax (Model 1)",
+    "conv3_channels": "width of the third convolution: 128 or 64",
+    "hidden": "hidden units of the classifier: 128 or 64",
+    "optimizer": "adam, adamw, sgd (momentum 0.9, Nesterov) or rmsprop",
+    "schedule": "none, step (StepLR 7 epochs x0.1, the study's), cosine or onecycle",
+    "label_smoothing": "cross-entropy label smoothing",
+    "flip": "random horizontal flips (on the device, per batch)",
+    "translate": "random shifts of up to N pixels, zero padded",
+    "seed": "model init, shuffling and dropout seed",
+    "bf16": "bfloat16 autocast on CUDA",
+    "channels_last": "channels_last memory format",
+}
+
+
 def build_parser() -> Parser:
     p = Parser(prog="python -m fer_model.train", description="Train one FER2013 configuration and evaluate it on test.")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the study's configurations; other flags override")
@@ -40,7 +55,7 @@ def build_parser() -> Parser:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--out", help="output folder (default outputs/train-<preset>-<time>)")
     p.add_argument("--resume", help="a checkpoint.pt to continue from")
-    add_dataclass_flags(p, TrainConfig)
+    add_dataclass_flags(p, TrainConfig, help_for=FLAG_HELP)
     return p
 
 

@@ -101,7 +101,17 @@ def run_trials(opts: CommonOptions, data, setup: TrialSetup, name: str, param_sp
                 verbose=1),
         )
     results = tuner.fit()
+    # On Ctrl-C, Tune saves its state and returns as if done; an interrupted stage must not go
+    # on to pick a "best" trial and retrain it, so unfinished trials end the stage here.
+    unfinished = len(results) - results.num_terminated - results.num_errors
+    if unfinished or (search_alg is not None and time_budget_s is None and len(results) < num_samples):
+        raise Interrupted(f"interrupted with {max(unfinished, num_samples - len(results))} trial(s) unfinished; "
+                          "the state is saved (python -m tuning.search --resume continues a search)")
     return reconcile(results, setup)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stage stopped before all its trials finished (Ctrl-C); its state is saved."""
 
 
 def reconcile(results, setup: TrialSetup) -> list[TrialRow]:
@@ -119,8 +129,10 @@ def reconcile(results, setup: TrialSetup) -> list[TrialRow]:
             outcome = N.OUTCOME_ERROR
             log.warning("trial %s failed: %s", trial_id, str(result.error).splitlines()[0] if str(result.error) else result.error)
         elif outcome is None:
-            # The trial's function never returned: the scheduler stopped it early.
-            outcome = N.OUTCOME_STOPPED_EARLY
+            # The trial's function never returned: the scheduler stopped it, before its last
+            # epoch (stopped early) or at it (ASHA also stops trials that reach max_t).
+            planned = int(config.get("epochs", 0))
+            outcome = N.OUTCOME_COMPLETED if history and len(history) >= planned else N.OUTCOME_STOPPED_EARLY
         if run is not None and run.info.status == "RUNNING":
             if history:
                 log_metrics(client, run.info.run_id, {N.EPOCHS_COMPLETED: len(history),

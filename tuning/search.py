@@ -9,6 +9,7 @@ lr, dropout and weight decay, with ASHA early stopping, a resumable study, and i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from tuning.trainable import TrialSetup
 log = logging.getLogger(__name__)
 TAG_TUNE_PATH = "tune_experiment_path"
 STUDY_PREFIX = "fer2013-search"
+DEFAULT_TRIALS = 30
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def add_search_flags(p: argparse.ArgumentParser, for_grid: bool = False) -> None
     pre = "search-" if for_grid else ""
     g = p.add_argument_group("search")
     if not for_grid:
-        g.add_argument("--trials", type=int, default=30, help="number of trials (default 30)")
+        g.add_argument("--trials", type=int, help="number of trials (default 30; a resumed search keeps its own)")
     g.add_argument(f"--{pre}epochs", dest="search_epochs", type=int, default=SEARCH_FIXED["epochs"],
                    help=f"epochs per search trial (default {SEARCH_FIXED['epochs']})")
     g.add_argument(f"--{pre}scheduler", dest="search_scheduler", choices=["asha", "none"], default="asha",
@@ -112,19 +114,19 @@ class SearchOutcome:
 
 
 def starting_point(seed_config: dict[str, Any], space: dict[str, Any]) -> dict[str, Any]:
-    """The seed configuration restricted to the searched keys and moved inside the space.
+    """The seed configuration (defaults filled in) on the searched keys, moved inside the space.
 
-    The grid's weight decay is 0, outside a log-uniform range: it becomes the range's low end.
-    A categorical value the space lacks is left for the sampler to choose.
+    Ray needs a value for every searched key. The grid's weight decay is 0, outside a log-uniform
+    range: it becomes the range's low end; a categorical value the space lacks becomes its first.
     """
+    full = TrainConfig.from_dict(seed_config).to_dict()
     point = {}
     for key, spec in space.items():
-        if not isinstance(spec, dict) or key not in seed_config:
+        if not isinstance(spec, dict):
             continue
-        (kind, values), value = next(iter(spec.items())), seed_config[key]
+        (kind, values), value = next(iter(spec.items())), full[key]
         if kind == "choice":
-            if value in values:
-                point[key] = value
+            point[key] = value if value in values else values[0]
         else:
             inside = min(max(value, values[0]), values[1])
             point[key] = int(inside) if kind == "randint" else float(inside)
@@ -162,6 +164,8 @@ def run_search(s: SearchSettings, opts: CommonOptions, data, client, experiment_
         seed_config = read_best_config(client, grid.info.run_id) if grid else None
     points = [starting_point(seed_config, s.space)] if seed_config else None
     fixed = {**SEARCH_FIXED, "epochs": s.epochs, "seed": s.train_seed, **{k: v for k, v in s.space.items() if not isinstance(v, dict)}}
+    if resumed:  # the restored Tune experiment keeps its own trial count
+        s = dataclasses.replace(s, trials=int(resumed.data.params.get("trials", s.trials)))
     tune_path = resumed.data.tags.get(TAG_TUNE_PATH) if resumed else None
     if resumed and not (tune_path and tune.Tuner.can_restore(tune_path)):
         raise UserError(f"--resume: the Tune experiment of run {resumed.info.run_id} ({tune_path}) cannot be restored")
@@ -249,7 +253,9 @@ def build_parser() -> Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     opts = common_options(args)
-    s = search_settings(args, opts, args.trials)
+    if args.resume and args.trials is not None:
+        raise ConfigError("--trials cannot change a resumed search: it keeps the count it started with")
+    s = search_settings(args, opts, args.trials or DEFAULT_TRIALS)
     t0 = time.perf_counter()
     data = fdata.load(opts.data)
     print(f"data: {fdata.describe(data)}")

@@ -45,13 +45,27 @@ def load_space(path: str | Path) -> dict[str, Any]:
         else:
             import yaml
 
-            space = yaml.safe_load(text)
+            space = _numbers(yaml.safe_load(text))
     except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
         raise ConfigError(f"space file {path}: not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {exc}".splitlines()[0]) from None
     try:
         return validate_space(space)
     except ConfigError as exc:
         raise ConfigError(f"space file {path}: {exc}") from None
+
+
+def _numbers(obj: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; a space file means the number."""
+    if isinstance(obj, dict):
+        return {k: _numbers(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_numbers(v) for v in obj]
+    if isinstance(obj, str):
+        try:
+            return float(obj) if obj.strip().lower() not in ("nan", "inf", "-inf", "infinity") else obj
+        except ValueError:
+            return obj
+    return obj
 
 
 def validate_space(space: Any) -> dict[str, Any]:
@@ -99,8 +113,7 @@ def to_tune(space: Mapping[str, Any]) -> dict[str, Any]:
     for key, spec in space.items():
         if isinstance(spec, Mapping):
             kind, values = next(iter(spec.items()))
-            out[key] = {"choice": lambda v: tune.choice(v), "uniform": lambda v: tune.uniform(*v),
-                        "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}[kind](values)
+            out[key] = tune.choice(values) if kind == "choice" else getattr(tune, kind)(*values)
         else:
             out[key] = spec
     return out

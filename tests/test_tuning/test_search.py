@@ -120,3 +120,12 @@ def test_starting_point_is_moved_inside_the_space():
     point = search.starting_point({"dropout": 0.3, "lr": 1e-3, "batch_size": 32, "optimizer": "adam",
                                    "weight_decay": 0.0, "epochs": 10}, DEFAULT_SEARCH_SPACE)
     assert point == {"dropout": 0.3, "lr": 1e-3, "batch_size": 32, "optimizer": "adam", "weight_decay": 1e-6}
+
+
+def test_space_file_yaml_and_json_give_the_same_space(workdir):
+    from tuning.spaces import load_space
+
+    (workdir / "s.yaml").write_text("lr: {loguniform: [1e-4, 1e-2]}\nbatch_size: {choice: [32, 64]}\noptimizer: sgd\n")
+    (workdir / "s.json").write_text('{"lr": {"loguniform": [1e-4, 1e-2]}, "batch_size": {"choice": [32, 64]}, "optimizer": "sgd"}')
+    assert load_space(workdir / "s.yaml") == load_space(workdir / "s.json") == {
+        "lr": {"loguniform": [1e-4, 1e-2]}, "batch_size": {"choice": [32, 64]}, "optimizer": "sgd"}
