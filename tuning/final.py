@@ -25,7 +25,7 @@ from fer_model.data import CLASS_NAMES, FerData
 from fer_model.errors import UserError
 from fer_model.evaluate import evaluate, save_evaluation
 from fer_model.model import outputs_probabilities
-from fer_model.training import EpochResult, TrainConfig, fit, to_input
+from fer_model.training import TrainConfig, fit, to_input
 from tuning import names as N
 from tuning.options import CommonOptions, add_common_flags, common_options
 from tuning.tracking import client_for, log_files, log_metrics, read_best_config, start_run

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from fer_model import data as fdata
 from fer_model.cli import Parser, run_cli
@@ -21,9 +21,9 @@ from tuning import names as N
 from tuning import report
 from tuning.final import describe_final, run_final
 from tuning.options import add_common_flags, apply_preset, common_options
-from tuning.runner import best_row, init_ray, make_scheduler, run_trials
+from tuning.runner import best_row, make_scheduler, ray_session, run_trials
 from tuning.spaces import GRID_FIXED, STUDY_GRID
-from tuning.tracking import best_config_tag, client_for, ensure_experiment, log_files, log_params, set_tags, stage_run
+from tuning.tracking import client_for, ensure_experiment, log_files, record_best, stage_run
 from tuning.trainable import TrialSetup
 
 # `--quick`: the whole pipeline (9 trials, final stage, registration) in a few minutes on 2 CPU cores.
@@ -43,8 +43,9 @@ def _floats(text: str) -> list[float]:
 def build_parser() -> Parser:
     p = Parser(prog="python -m tuning.grid", description="The study's grid (dropout x lr) on Ray Tune, tracked in MLflow, then a final retrain.")
     g = p.add_argument_group("grid")
-    g.add_argument("--dropouts", default="0.3,0.5,0.7", help="comma-separated dropout values (default 0.3,0.5,0.7)")
-    g.add_argument("--lrs", default="1e-3,1e-2,1e-4", help="comma-separated learning rates (default 1e-3,1e-2,1e-4)")
+    dropouts, lrs = (",".join(f"{v:g}" for v in STUDY_GRID[k]) for k in ("dropout", "lr"))
+    g.add_argument("--dropouts", default=dropouts, help=f"comma-separated dropout values (default {dropouts})")
+    g.add_argument("--lrs", default=lrs, help=f"comma-separated learning rates (default {lrs})")
     g.add_argument("--batch-size", type=int, help=f"batch size (default {GRID_FIXED['batch_size']})")
     g.add_argument("--optimizer", help=f"one of {', '.join(OPTIMIZERS)} (default {GRID_FIXED['optimizer']})")
     g.add_argument("--epochs", type=int, help=f"epochs per trial (default {GRID_FIXED['epochs']})")
@@ -87,8 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     experiment_id = ensure_experiment(client, opts.experiment)
     params = {**{k: v for k, v in fixed.items()}, "dropouts": args.dropouts, "lrs": args.lrs,
               "scheduler": args.scheduler, **data.sizes(), "data_fingerprint": data.fingerprint[:16]}
-    started_ray = init_ray(opts.address)
-    try:
+    with ray_session(opts.address):
         with stage_run(client, experiment_id, "grid", {N.TAG_STAGE: N.STAGE_GRID}, params) as parent:
             setup = TrialSetup(opts.tracking_uri, experiment_id, parent, opts.cpus_per_trial)
             from ray import tune
@@ -102,8 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          report.plot_grid_heatmap(rows, dropouts, lrs, Path(d) / "val_acc_heatmap.png"),
                          report.plot_all_learning_curves(rows, Path(d) / "learning_curves.png")]
                 log_files(client, parent, files)
-            log_params(client, parent, {f"{N.BEST_PARAM_PREFIX}{k}": v for k, v in best.config.items()})
-            set_tags(client, parent, {**best_config_tag(best.config), N.TAG_BEST_TRIAL_RUN: best.run_id or ""})
+            record_best(client, parent, best.config, best.run_id)
             print("\nvalidation accuracy after each trial (the study's test accuracy in brackets):")
             print(report.grid_text(rows, dropouts, lrs))
             print(f"best: dropout {best.config['dropout']:g}, lr {best.config['lr']:g}: val {100 * best.val_acc:.2f}% "
@@ -117,11 +116,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if opts.run_final:
             final = run_final(opts, data, experiment_id, *final_from)
             print(describe_final(final, opts.model_name, report.STUDY_FINAL_TEST_ACC))
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
     print(f"wall time {time.perf_counter() - t_start:.0f} s; grid run {parent}")
     print(f"inspect: {report.mlflow_ui_command(opts.tracking_uri)}")
     return 0

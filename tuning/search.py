@@ -27,10 +27,10 @@ from tuning import names as N
 from tuning import report
 from tuning.final import describe_final, run_final
 from tuning.options import CommonOptions, add_common_flags, common_options
-from tuning.runner import TrialRow, best_row, init_ray, make_scheduler, run_trials
+from tuning.runner import TrialRow, best_row, make_scheduler, ray_session, run_trials
 from tuning.spaces import DEFAULT_SEARCH_SPACE, SEARCH_FIXED, load_space, to_tune, validate_space
-from tuning.tracking import (best_config_tag, client_for, ensure_experiment, log_files, log_params, read_best_config,
-                             set_tags, stage_run)
+from tuning.tracking import (client_for, ensure_experiment, log_files, read_best_config, record_best, set_tags,
+                             stage_run)
 from tuning.trainable import TrialSetup
 
 log = logging.getLogger(__name__)
@@ -193,8 +193,7 @@ def run_search(s: SearchSettings, opts: CommonOptions, data, client, experiment_
                      report.plot_all_learning_curves(rows, Path(d) / "learning_curves.png")]
             files += optuna_plots(optuna.load_study(study_name=study_name, storage=s.storage_url), Path(d))
             log_files(client, parent, files)
-        log_params(client, parent, {f"{N.BEST_PARAM_PREFIX}{k}": v for k, v in best.config.items()})
-        set_tags(client, parent, {**best_config_tag(best.config), N.TAG_BEST_TRIAL_RUN: best.run_id or ""})
+        record_best(client, parent, best.config, best.run_id)
     return SearchOutcome(parent, study_name, rows, best)
 
 
@@ -261,8 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"data: {fdata.describe(data)}")
     client = client_for(opts.tracking_uri)
     experiment_id = ensure_experiment(client, opts.experiment)
-    started_ray = init_ray(opts.address)
-    try:
+    with ray_session(opts.address):
         outcome = run_search(s, opts, data, client, experiment_id)
         print(f"\nstudy {outcome.study_name} ({s.storage_url}); trials by validation accuracy:")
         print(report.trials_text(outcome.rows))
@@ -270,11 +268,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if opts.run_final:
             final = run_final(opts, data, experiment_id, outcome.parent_run_id, outcome.best.config, outcome.best.run_id)
             print(describe_final(final, opts.model_name, report.STUDY_FINAL_TEST_ACC))
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
     print(f"wall time {time.perf_counter() - t0:.0f} s; search run {outcome.parent_run_id}")
     print(f"inspect: {report.mlflow_ui_command(opts.tracking_uri)}; optuna-dashboard {s.storage_url}")
     return 0

@@ -141,8 +141,11 @@ def log_files(client: MlflowClient, run_id: str, paths: Iterable[Path], artifact
         client.log_artifact(run_id, str(p), artifact_path)
 
 
-def best_config_tag(config: Mapping[str, Any]) -> dict[str, str]:
-    return {N.TAG_BEST_CONFIG: json.dumps(dict(config), sort_keys=True)}
+def record_best(client: MlflowClient, parent_run_id: str, config: Mapping[str, Any], trial_run_id: str | None) -> None:
+    """The best configuration on its stage run: ``best.*`` params, and the tag the final stage reads."""
+    log_params(client, parent_run_id, {f"{N.BEST_PARAM_PREFIX}{k}": v for k, v in config.items()})
+    set_tags(client, parent_run_id, {N.TAG_BEST_CONFIG: json.dumps(dict(config), sort_keys=True),
+                                     N.TAG_BEST_TRIAL_RUN: trial_run_id or ""})
 
 
 def read_best_config(client: MlflowClient, run_id: str) -> dict[str, Any]:
