@@ -1,7 +1,7 @@
 """Training throughput: our tensor-resident trainer against the study notebook's DataLoader loop.
 
 Measures training images per second (forward + backward + Adam step) of the study's CNN
-(`build_model("cnn", dropout=0.3)`, Adam lr 1e-3, batch 32) in three rows, one after the other in
+(`build_model("cnn", dropout=0.3)`, Adam lr 1e-3, batch 32) in four rows, one after the other in
 one process on the same machine:
 
   reference   the notebook's loop: torchvision ImageFolder over the extracted train/ folder,
@@ -9,8 +9,9 @@ one process on the same machine:
               `loss.item()` every step;
   ours-nchw   `fer_model.training.train_one_epoch` on uint8 tensors in memory, with the
               reference's arithmetic (fp32, channels-first): isolates the data pipeline;
-  ours        the same with the default TrainConfig (channels_last, and bf16 autocast on CUDA):
-              adds the memory-format (and precision) effect.
+  ours-fp32   the same in channels_last memory format: adds the memory-format effect;
+  ours        the default TrainConfig: channels_last and bf16 autocast where the hardware has it
+              natively (CUDA, or CPUs with AVX512-BF16/AMX): adds the precision effect.
 
 Each row is timed over --images training images after --warmup untimed ones, --repeats times;
 the best repeat is reported (the one least disturbed by other load), the median beside it.
@@ -184,6 +185,7 @@ def run_rows(args, device: torch.device, env: dict, train_dir: Path) -> None:
     rows = {
         "reference": lambda: time_reference(train_dir, args, device),
         "ours-nchw": lambda: time_ours(train, TrainConfig(**base, channels_last=False, bf16=False), args, device),
+        "ours-fp32": lambda: time_ours(train, TrainConfig(**base, bf16=False), args, device),
         "ours": lambda: time_ours(train, TrainConfig(**base), args, device),
     }
     results = []

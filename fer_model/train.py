@@ -25,7 +25,8 @@ from fer_model.errors import ConfigError, DataError
 from fer_model.evaluate import evaluate, save_evaluation
 from fer_model.model import build_model, count_parameters
 from fer_model.presets import PRESETS, STUDY_TEST_ACC
-from fer_model.training import EpochResult, TrainConfig, default_device, fit, load_checkpoint, save_checkpoint
+from fer_model.training import (EpochResult, TrainConfig, default_device, fast_bf16, fit, load_checkpoint,
+                                save_checkpoint)
 
 
 FLAG_HELP = {
@@ -38,7 +39,7 @@ FLAG_HELP = {
     "flip": "random horizontal flips (on the device, per batch)",
     "translate": "random shifts of up to N pixels, zero padded",
     "seed": "model init, shuffling and dropout seed",
-    "bf16": "bfloat16 autocast on CUDA",
+    "bf16": "bfloat16 autocast where native (CUDA; CPUs with AVX512-BF16 or AMX)",
     "channels_last": "channels_last memory format",
 }
 
@@ -86,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_params = count_parameters(build_model(cfg.arch, cfg.dropout, cfg.conv3_channels, cfg.hidden))
     print(f"data: {fdata.describe(data)}")
     print(f"config: {json.dumps(cfg.to_dict())}")
-    print(f"model: {cfg.arch}, {model_params:,} parameters, device {device}, threads {torch.get_num_threads()}")
+    print(f"model: {cfg.arch}, {model_params:,} parameters, device {device}, threads {torch.get_num_threads()}, "
+          f"bf16 {'on' if cfg.bf16 and fast_bf16(device.type) else 'off'}")
 
     def on_epoch(r: EpochResult) -> None:
         m = r.metrics
