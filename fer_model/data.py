@@ -69,6 +69,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.seed < 0:
+            raise ConfigError(f"the data seed must be >= 0, got {self.seed}")
         if self.max_samples is not None and self.max_samples < 2 * NUM_CLASSES:
             raise ConfigError(f"max_samples must be at least {2 * NUM_CLASSES}, got {self.max_samples}")
 
@@ -202,8 +204,20 @@ def fingerprint_source(source: Path) -> str:
 
 
 def read_source(source: str | os.PathLike, progress: bool = True) -> RawDataset:
-    """Decode any supported form of FER2013 into a `RawDataset` (no cache)."""
+    """Decode any supported form of FER2013 into a `RawDataset` (no cache).
+
+    A damaged file (truncated archive, bad gzip, not UTF-8) is a DataError naming it.
+    """
     source = Path(source)
+    try:
+        return _read_source(source, progress)
+    except DataError:
+        raise
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {str(source)!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def _read_source(source: Path, progress: bool) -> RawDataset:
     name = source.name.lower()
     if source.is_dir():
         for csv_name in _CSV_NAMES:

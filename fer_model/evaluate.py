@@ -61,6 +61,8 @@ def evaluate_probabilities(probs: np.ndarray, labels: np.ndarray, usage: np.ndar
     from sklearn.metrics import auc, classification_report, confusion_matrix, f1_score, roc_curve
 
     k = len(class_names)
+    # A diverged model gives NaN: score it as the uniform guess it amounts to, rather than crash.
+    probs = np.where(np.isfinite(probs), probs, 1.0 / k)
     pred = probs.argmax(1)
     correct = pred == labels
     metrics = {M.TEST_ACC: float(correct.mean()),

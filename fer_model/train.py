@@ -21,11 +21,10 @@ from fer_model import data as fdata
 from fer_model import metrics as M
 from fer_model.cli import Parser, add_dataclass_flags, given, run_cli
 from fer_model.config import config_to_dict
-from fer_model.errors import ConfigError, DataError
 from fer_model.evaluate import evaluate, save_evaluation
 from fer_model.model import build_model, count_parameters
 from fer_model.presets import PRESETS, STUDY_TEST_ACC
-from fer_model.training import (EpochResult, TrainConfig, default_device, fast_bf16, fit, load_checkpoint,
+from fer_model.training import (EpochResult, TrainConfig, fast_bf16, fit, load_checkpoint, resolve_device,
                                 save_checkpoint)
 
 
@@ -66,20 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     values.update(given(args, [f.name for f in dataclasses.fields(TrainConfig)]))
     cfg = TrainConfig.from_dict(values)
     data_cfg = fdata.DataConfig(args.data, args.val_fraction, args.max_samples, args.data_seed, args.cache_dir)
-    try:
-        device = torch.device(args.device) if args.device else default_device()
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda given but no CUDA device is available")
-    except RuntimeError as exc:
-        raise ConfigError(f"--device: {exc}") from None
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    resume = None
-    if args.resume:
-        try:
-            resume = load_checkpoint(args.resume)
-        except (OSError, RuntimeError, EOFError) as exc:
-            raise DataError(f"cannot read checkpoint {args.resume!r}: {exc}") from None
+    resume = load_checkpoint(args.resume) if args.resume else None
     out = Path(args.out or f"outputs/train-{args.preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
 

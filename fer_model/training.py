@@ -23,8 +23,8 @@ from fer_model import metrics as M
 from fer_model.augment import augment_batch
 from fer_model.config import config_from_dict, config_to_dict
 from fer_model.data import FerData, Split
-from fer_model.errors import ConfigError
-from fer_model.model import ARCHITECTURES, build_model
+from fer_model.errors import ConfigError, DataError
+from fer_model.model import ARCHITECTURES, CONV3_CHOICES, HIDDEN_CHOICES, build_model
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("none", "step", "cosine", "onecycle")
@@ -59,6 +59,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.arch in ARCHITECTURES, f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}"),
+            (self.conv3_channels in CONV3_CHOICES, f"conv3_channels must be one of {CONV3_CHOICES}, got {self.conv3_channels}"),
+            (self.hidden in HIDDEN_CHOICES, f"hidden must be one of {HIDDEN_CHOICES}, got {self.hidden}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (_finite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}"),
@@ -67,7 +69,8 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (int(self.batch_size) == self.batch_size and self.batch_size >= 1, f"batch_size must be an integer >= 1, got {self.batch_size}"),
             (int(self.epochs) == self.epochs and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs}"),
-            (0 <= self.translate <= 16, f"translate must be within 0..16 pixels, got {self.translate}"),
+            (int(self.translate) == self.translate and 0 <= self.translate <= 16,
+             f"translate must be an integer within 0..16 pixels, got {self.translate}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -157,6 +160,21 @@ def autocast(device: torch.device, bf16: bool) -> torch.autocast:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device called `name` (cpu, cuda, cuda:N), or the default; one that is not here is a ConfigError."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {name!r}: {str(exc).splitlines()[0]}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {name!r}: no such CUDA device here")
+    return device
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -255,6 +273,8 @@ def fit(cfg: TrainConfig, data: FerData, on_epoch: EpochCallback | None = None,
     epoch with the same optimizer, schedule and random state, so the result matches an
     uninterrupted run.
     """
+    if resume is not None:
+        _check_resumable(cfg, resume)  # before any work: a wrong checkpoint is the user's error
     device = torch.device(device) if device else default_device()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, cfg.dropout, cfg.conv3_channels, cfg.hidden).to(device)
@@ -272,7 +292,6 @@ def fit(cfg: TrainConfig, data: FerData, on_epoch: EpochCallback | None = None,
     start_epoch = 0
 
     if resume is not None:
-        _check_resumable(cfg, resume)
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -323,6 +342,9 @@ _RESUMABLE_CHANGES = {"epochs"}
 
 
 def _check_resumable(cfg: TrainConfig, ckpt: Mapping[str, Any]) -> None:
+    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "history", "rng", "config") if k not in ckpt]
+    if missing:
+        raise ConfigError(f"not a training checkpoint of this trainer (missing {', '.join(missing)})")
     saved = dict(ckpt.get("config", {}))
     now = cfg.to_dict()
     diff = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
@@ -342,4 +364,10 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a training state with ``weights_only=True``: tensors and plain values only, no pickled code."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - missing, truncated, or not a torch file at all
+        raise DataError(f"cannot read checkpoint {str(path)!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if not isinstance(state, dict):
+        raise DataError(f"{str(path)!r} is not a training checkpoint")
+    return state

@@ -25,7 +25,7 @@ from fer_model.data import CLASS_NAMES, FerData
 from fer_model.errors import UserError
 from fer_model.evaluate import evaluate, save_evaluation
 from fer_model.model import outputs_probabilities
-from fer_model.training import TrainConfig, fit, to_input
+from fer_model.training import STATUS_DIVERGED, TrainConfig, fit, to_input
 from tuning import names as N
 from tuning.options import CommonOptions, add_common_flags, common_options
 from tuning.tracking import client_for, log_files, log_metrics, read_best_config, start_run
@@ -63,7 +63,12 @@ def run_final(opts: CommonOptions, data: FerData, experiment_id: str, parent_run
         with tempfile.TemporaryDirectory() as d:
             paths = save_evaluation(ev, d, result.history, title="(final)")
             log_files(client, run_id, paths, EVALUATION_DIR)
-        version = _log_and_register(opts, run_id, parent_run_id, best_trial_run_id, result.model, data, ev.metrics)
+        version = None
+        if result.status == STATUS_DIVERGED:  # a result to look at, never a model to serve
+            print(f"final: training diverged (non-finite loss) after {result.epochs_completed} epochs; "
+                  "the model is not registered", file=sys.stderr)
+        else:
+            version = _log_and_register(opts, run_id, parent_run_id, best_trial_run_id, result.model, data, ev.metrics)
         client.set_tag(run_id, N.TAG_OUTCOME, result.status)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
@@ -113,7 +118,8 @@ def describe_final(final: FinalResult, model_name: str, study_acc: float = 0.578
     halves = ", ".join(f"{label} {100 * m[k]:.2f}%" for label, k in (("PublicTest", M.TEST_PUBLIC_ACC), ("PrivateTest", M.TEST_PRIVATE_ACC)) if k in m)
     return (f"final: {final.config.epochs} epochs in {final.train_seconds:.0f} s; test accuracy {100 * m[M.TEST_ACC]:.2f}% "
             f"({halves}; macro F1 {m[M.TEST_MACRO_F1]:.4f}) vs the study's {100 * study_acc:.2f}%\n"
-            f"registered: {model_name} version {final.model_version} (run {final.run_id})")
+            + (f"registered: {model_name} version {final.model_version} (run {final.run_id})" if final.model_version
+               else f"not registered (run {final.run_id})"))
 
 
 def build_parser() -> Parser:

@@ -27,7 +27,7 @@ from tuning.tracking import client_for, ensure_experiment, log_files, record_bes
 from tuning.trainable import TrialSetup
 
 # `--quick`: the whole pipeline (9 trials, final stage, registration) in a few minutes on 2 CPU cores.
-QUICK = {"max_samples": 1500, "epochs": 3, "final_epochs": 3}
+QUICK = {"max_samples": 3000, "epochs": 4, "final_epochs": 4}
 
 
 def _floats(text: str) -> list[float]:
@@ -88,14 +88,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     experiment_id = ensure_experiment(client, opts.experiment)
     params = {**{k: v for k, v in fixed.items()}, "dropouts": args.dropouts, "lrs": args.lrs,
               "scheduler": args.scheduler, **data.sizes(), "data_fingerprint": data.fingerprint[:16]}
-    with ray_session(opts.address):
+    with ray_session(opts):
         with stage_run(client, experiment_id, "grid", {N.TAG_STAGE: N.STAGE_GRID}, params) as parent:
             setup = TrialSetup(opts.tracking_uri, experiment_id, parent, opts.cpus_per_trial)
             from ray import tune
 
             space = {**fixed, "dropout": tune.grid_search(dropouts), "lr": tune.grid_search(lrs)}
             rows = run_trials(opts, data, setup, f"grid-{parent[:8]}", space,
-                              scheduler=make_scheduler(args.scheduler, fixed["epochs"]))
+                              scheduler=make_scheduler(args.scheduler, fixed["epochs"], args.grace_period,
+                                                       args.reduction_factor))
             best = best_row(rows)
             with tempfile.TemporaryDirectory() as d:
                 files = [report.write_table(rows, Path(d) / "grid_results.csv"),

@@ -12,6 +12,7 @@ from typing import Any
 
 from fer_model.data import DataConfig
 from fer_model.errors import ConfigError, DataError, UserError
+from fer_model.training import resolve_device
 from tuning.names import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
 
 
@@ -33,6 +34,7 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-concurrent", type=int, help="at most this many trials at once (default: as resources allow)")
     g.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="join this Ray cluster (default $RAY_ADDRESS, else a local Ray)")
     g.add_argument("--storage", help="where Tune keeps trial results and checkpoints (default ./ray_results; shared path or URI on a cluster)")
+    g.add_argument("--storage-shared", action="store_true", help="--storage is a folder every node mounts (NFS), not a local one")
     g = p.add_argument_group("tracking")
     g.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     g.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})")
@@ -53,6 +55,7 @@ class CommonOptions:
     model_name: str
     address: str | None
     storage: str
+    storage_shared: bool
     gpus_per_trial: float | None
     cpus_per_trial: float
     max_concurrent: int | None
@@ -77,12 +80,13 @@ def common_options(args: argparse.Namespace, final_epochs_default: int = 15) -> 
         raise ConfigError(f"--final-epochs must be >= 1, got {final_epochs}")
     if not args.experiment.strip():
         raise ConfigError("--experiment must not be empty")
+    resolve_device(args.device)  # the final stage runs there: refuse a device this machine lacks now
     uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking(uri)
     storage = args.storage or str(Path("ray_results").resolve())
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
-    return CommonOptions(data, uri, args.experiment, args.model_name, args.address, storage, args.gpus_per_trial,
+    return CommonOptions(data, uri, args.experiment, args.model_name, args.address, storage, args.storage_shared, args.gpus_per_trial,
                          args.cpus_per_trial, args.max_concurrent, final_epochs, not args.no_final, args.device)
 
 
@@ -104,20 +108,29 @@ def resolve_tracking_uri(flag: str | None) -> str:
 
 
 def check_tracking(uri: str, timeout: float = 5.0) -> None:
-    """An http(s) tracking server must answer its health check; local stores need no check."""
-    if not uri.startswith(("http://", "https://")):
-        if uri.startswith("sqlite:///"):
-            parent = Path(uri[len("sqlite:///"):]).parent
-            if not parent.is_dir():
-                raise TrackingError(f"tracking URI {uri}: folder {parent} does not exist")
+    """An http(s) server must answer /health, a sqlite file's folder must exist, any other store must open."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                if r.status != 200:
+                    raise TrackingError(f"MLflow tracking server {uri} answered HTTP {r.status} to /health")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason})") from None
         return
+    if uri.startswith("sqlite:///"):  # creating the file is all it takes: no side effect before Ray starts
+        parent = Path(uri[len("sqlite:///"):]).parent
+        if not parent.is_dir():
+            raise TrackingError(f"tracking URI {uri}: folder {parent} does not exist")
+        return
+    # Any other store is opened for real: a database server may be down, and MLflow 3 refuses
+    # its file store only when a client opens it.
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-            if r.status != 200:
-                raise TrackingError(f"MLflow tracking server {uri} answered HTTP {r.status} to /health")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason})") from None
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - whatever the store raises, the URI is unusable
+        raise TrackingError(f"tracking URI {uri} cannot be used: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 def apply_preset(args: argparse.Namespace, preset: dict[str, Any], defaults: dict[str, Any]) -> None:

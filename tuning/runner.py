@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -18,7 +19,6 @@ from ray import tune
 
 from fer_model import metrics as M
 from fer_model.errors import UserError
-from fer_model.training import TrainConfig
 from tuning import names as N
 from tuning.options import CommonOptions
 from tuning.tracking import client_for, find_trial_run, log_metrics, set_tags
@@ -60,11 +60,25 @@ def init_ray(address: str | None) -> bool:
     return True
 
 
+def check_cluster_paths(opts: CommonOptions) -> None:
+    """On a cluster of several nodes, trials on other nodes cannot reach this node's files."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    if opts.tracking_uri.startswith(("sqlite:", "file:")):
+        raise UserError(f"{len(nodes)} Ray nodes but a local MLflow store ({opts.tracking_uri}): "
+                        "start `mlflow server` and pass its --tracking-uri")
+    if "://" not in opts.storage and not opts.storage_shared:
+        raise UserError(f"{len(nodes)} Ray nodes but --storage {opts.storage} is a local folder: "
+                        "pass a shared path (NFS) with --storage-shared, or a URI such as s3://bucket/path")
+
+
 @contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
+def ray_session(opts: CommonOptions) -> Iterator[None]:
     """Ray for the length of a stage: joined or started, and shut down only if started here."""
-    started = init_ray(address)
+    started = init_ray(opts.address)
     try:
+        check_cluster_paths(opts)
         yield
     finally:
         if started:
@@ -112,40 +126,43 @@ def run_trials(opts: CommonOptions, data, setup: TrialSetup, name: str, param_sp
                 failure_config=tune.FailureConfig(max_failures=1),  # one retry from the last checkpoint
                 verbose=1),
         )
+    started = time.monotonic()
     results = tuner.fit()
-    # On Ctrl-C, Tune saves its state and returns as if done; an interrupted stage must not go
-    # on to pick a "best" trial and retrain it, so unfinished trials end the stage here.
-    unfinished = len(results) - results.num_terminated - results.num_errors
-    if unfinished or (search_alg is not None and time_budget_s is None and len(results) < num_samples):
-        raise Interrupted(f"interrupted with {max(unfinished, num_samples - len(results))} trial(s) unfinished; "
-                          "the state is saved (python -m tuning.search --resume continues a search)")
-    return reconcile(results, setup)
+    budget_spent = time_budget_s is not None and time.monotonic() - started >= time_budget_s
+    # A search interrupted before it created all its trials has fewer results than samples.
+    missing = num_samples - len(results) if search_alg is not None and not budget_spent else 0
+    return reconcile(results, setup, budget_spent=budget_spent, missing=max(missing, 0))
 
 
-class Interrupted(KeyboardInterrupt):
-    """A stage stopped before all its trials finished (Ctrl-C); its state is saved."""
+def reconcile(results, setup: TrialSetup, budget_spent: bool = False, missing: int = 0) -> list[TrialRow]:
+    """Record every trial's outcome in MLflow and close the runs the trials could not close.
 
-
-def reconcile(results, setup: TrialSetup) -> list[TrialRow]:
-    """Record every trial's outcome in MLflow and close runs the trials could not close themselves."""
+    A trial's own run carries `outcome` once its function returns (completed or diverged). Ray
+    marks a trial's last result `done` when the function returns or a scheduler stops it (ASHA
+    also stops trials that reach their last epoch). A trial with neither was cut off: by the
+    --time-budget if it ran out (stopped early), else by Ctrl-C, and then the stage is
+    interrupted. Ray keeps `done` in memory only, so trials restored by --resume rely on the tags
+    written here the first time.
+    """
     client = client_for(setup.tracking_uri)
-    rows = []
+    rows, cut = [], []
     for result in results:
         metrics = result.metrics or {}
         trial_id = str(metrics.get("trial_id") or result.path.rstrip("/").split("/")[-1])
-        config = {k: v for k, v in (result.config or {}).items()}
+        config = dict(result.config or {})
         history = _history(result)
         run = find_trial_run(client, setup.experiment_id, setup.parent_run_id, trial_id)
         outcome = run.data.tags.get(N.TAG_OUTCOME) if run else None
+        ran_to_end = bool(history) and len(history) >= int(config.get("epochs", 0))
         if result.error is not None:
             outcome = N.OUTCOME_ERROR
             log.warning("trial %s failed: %s", trial_id, str(result.error).splitlines()[0] if str(result.error) else result.error)
-        elif outcome is None:
-            # The trial's function never returned: the scheduler stopped it, before its last
-            # epoch (stopped early) or at it (ASHA also stops trials that reach max_t).
-            planned = int(config.get("epochs", 0))
-            outcome = N.OUTCOME_COMPLETED if history and len(history) >= planned else N.OUTCOME_STOPPED_EARLY
-        if run is not None and run.info.status == "RUNNING":
+        elif outcome is None and (metrics.get("done") or budget_spent):
+            outcome = N.OUTCOME_COMPLETED if ran_to_end else N.OUTCOME_STOPPED_EARLY
+        if outcome is None:
+            cut.append(run)
+            continue
+        if run is not None and run.info.status in ("RUNNING", "KILLED"):
             if history:
                 log_metrics(client, run.info.run_id, {N.EPOCHS_COMPLETED: len(history),
                                                       N.FINAL_VAL_ACC: history[-1][M.VAL_ACC],
@@ -155,7 +172,19 @@ def reconcile(results, setup: TrialSetup) -> list[TrialRow]:
                                                N.TAG_STOPPED_EARLY: str(outcome == N.OUTCOME_STOPPED_EARLY).lower()})
             client.set_terminated(run.info.run_id, "FAILED" if outcome == N.OUTCOME_ERROR else "FINISHED")
         rows.append(TrialRow(trial_id, config, outcome, history, run.info.run_id if run else None))
+    if cut or missing:
+        # Ctrl-C: Tune saved its state and returned as if done. Do not go on to pick a "best"
+        # trial and retrain it; close the cut trials' runs until a resume reopens them.
+        for run in cut:
+            if run is not None and run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, "KILLED")
+        raise Interrupted(f"interrupted with {len(cut) + missing} trial(s) unfinished; the state is saved "
+                          "(python -m tuning.search --resume continues a search)")
     return rows
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stage stopped before all its trials finished (Ctrl-C); its state is saved."""
 
 
 def _history(result) -> list[dict[str, float]]:
@@ -180,6 +209,3 @@ def best_row(rows: list[TrialRow]) -> TrialRow:
         raise UserError("no trial produced a validation accuracy; see the errors above")
     return max(pool, key=lambda r: r.val_acc)
 
-
-def train_config_of(row: TrialRow) -> TrainConfig:
-    return TrainConfig.from_dict(row.config)

@@ -68,9 +68,10 @@ def add_search_flags(p: argparse.ArgumentParser, for_grid: bool = False) -> None
     g.add_argument(f"--{pre}scheduler", dest="search_scheduler", choices=["asha", "none"], default="asha",
                    help="asha (default): stop poor trials early on validation accuracy; none: run all to the end")
     g.add_argument("--space", help="YAML or JSON search space replacing the default (see tuning/spaces.py)")
-    g.add_argument("--time-budget", type=float, help="stop starting trials after this many seconds")
-    g.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs before a trial can be stopped (default 2)")
-    g.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA: keep 1/this of trials at each rung (default 3)")
+    g.add_argument("--time-budget", type=float,
+                   help="end the search after this many seconds; trials running then are recorded as stopped early")
+    g.add_argument("--grace-period", type=int, default=2, help="ASHA (grid and search): epochs before a trial can be stopped (default 2)")
+    g.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA (grid and search): keep 1/this of trials at each rung (default 3)")
     g.add_argument("--optuna-storage", help="Optuna storage URL (default sqlite:///optuna.db beside the MLflow sqlite file)")
     g.add_argument("--study-name", help=f"Optuna study name (default {STUDY_PREFIX}-<time>; with --resume, the latest search's)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted search without repeating finished trials")
@@ -100,8 +101,16 @@ def optuna_storage_url(flag: str | None, tracking_uri: str) -> str:
         url = "sqlite:///" + str(Path(tracking_uri[len("sqlite:///"):]).parent / "optuna.db")
     else:
         url = "sqlite:///" + str(Path("optuna.db").resolve())
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).parent.is_dir():
-        raise ConfigError(f"--optuna-storage {url}: its folder does not exist")
+    if url.startswith("sqlite:///"):
+        if not Path(url[len("sqlite:///"):]).parent.is_dir():
+            raise ConfigError(f"--optuna-storage {url}: its folder does not exist")
+        return url
+    try:  # open it now, before Ray starts: a bad URL or a server that is down is one line
+        import optuna
+
+        optuna.storages.RDBStorage(url)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and driver errors alike
+        raise ConfigError(f"--optuna-storage {url} cannot be opened: {str(exc).splitlines()[0]}") from None
     return url
 
 
@@ -164,8 +173,13 @@ def run_search(s: SearchSettings, opts: CommonOptions, data, client, experiment_
         seed_config = read_best_config(client, grid.info.run_id) if grid else None
     points = [starting_point(seed_config, s.space)] if seed_config else None
     fixed = {**SEARCH_FIXED, "epochs": s.epochs, "seed": s.train_seed, **{k: v for k, v in s.space.items() if not isinstance(v, dict)}}
-    if resumed:  # the restored Tune experiment keeps its own trial count
+    if resumed:  # the restored Tune experiment keeps its own trial count, space and data
         s = dataclasses.replace(s, trials=int(resumed.data.params.get("trials", s.trials)))
+        was, now = resumed.data.params, {**data.sizes(), "data_fingerprint": data.fingerprint[:16]}
+        changed = [k for k, v in now.items() if k in was and was[k] != str(v)]
+        if changed:
+            raise ConfigError(f"--resume: the data differs from the interrupted search's ({', '.join(changed)}); "
+                              "pass the same --data, --max-samples and --val-fraction")
     tune_path = resumed.data.tags.get(TAG_TUNE_PATH) if resumed else None
     if resumed and not (tune_path and tune.Tuner.can_restore(tune_path)):
         raise UserError(f"--resume: the Tune experiment of run {resumed.info.run_id} ({tune_path}) cannot be restored")
@@ -252,15 +266,20 @@ def build_parser() -> Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     opts = common_options(args)
-    if args.resume and args.trials is not None:
-        raise ConfigError("--trials cannot change a resumed search: it keeps the count it started with")
+    if args.resume:
+        fixed_on_resume = {"--trials": args.trials is not None, "--space": args.space is not None,
+                           "--epochs": args.search_epochs != SEARCH_FIXED["epochs"],
+                           "--scheduler": args.search_scheduler != "asha"}
+        given = [flag for flag, was_given in fixed_on_resume.items() if was_given]
+        if given:
+            raise ConfigError(f"{', '.join(given)} cannot change a resumed search: it keeps what it started with")
     s = search_settings(args, opts, args.trials or DEFAULT_TRIALS)
     t0 = time.perf_counter()
     data = fdata.load(opts.data)
     print(f"data: {fdata.describe(data)}")
     client = client_for(opts.tracking_uri)
     experiment_id = ensure_experiment(client, opts.experiment)
-    with ray_session(opts.address):
+    with ray_session(opts):
         outcome = run_search(s, opts, data, client, experiment_id)
         print(f"\nstudy {outcome.study_name} ({s.storage_url}); trials by validation accuracy:")
         print(report.trials_text(outcome.rows))

@@ -90,12 +90,21 @@ def validate_space(space: Any) -> dict[str, Any]:
                     raise ConfigError(f"{key}: {kind} range [{low}, {high}] is empty (low must be < high)")
                 if kind == "loguniform" and low <= 0:
                     raise ConfigError(f"{key}: loguniform needs low > 0, got {low}")
+                if kind != "randint" and _is_int_field(key):
+                    raise ConfigError(f"{key} takes integers: use choice or randint, not {kind}")
+                if kind == "randint" and not _is_int_field(key):
+                    raise ConfigError(f"{key} is not an integer option: randint does not fit it")
             # Every value the space can produce must make a valid TrainConfig.
             for v in values:
                 _check_value(key, v)
         else:
             _check_value(key, spec)
     return dict(space)
+
+
+def _is_int_field(key: str) -> bool:
+    default = TrainConfig.__dataclass_fields__[key].default
+    return isinstance(default, int) and not isinstance(default, bool)
 
 
 def _check_value(key: str, value: Any) -> None:

@@ -7,6 +7,7 @@ Everything goes through an explicit `MlflowClient(tracking_uri)` and run ids, ne
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from fer_model import metrics as M
 from tuning import names as N
 
+log = logging.getLogger(__name__)
 _BATCH = 900  # log_batch accepts at most 1,000 metrics per call
 
 
@@ -37,6 +39,7 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        _sqlite_wal(Path(uri[len("sqlite:///"):]))
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception:  # noqa: BLE001 - created concurrently by another driver
@@ -44,6 +47,17 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def _sqlite_wal(db: Path) -> None:
+    """Write-ahead logging: concurrent trial processes (and `mlflow ui`) then block each other far less.
+
+    The mode is stored in the database file, so setting it once in the driver covers every trial.
+    """
+    import sqlite3
+
+    with sqlite3.connect(db, timeout=30) as con:
+        con.execute("PRAGMA journal_mode=WAL")
 
 
 def start_run(client: MlflowClient, experiment_id: str, name: str, tags: Mapping[str, str],
@@ -116,8 +130,18 @@ class TrialTracker:
         # gives the same numbers on the same device: skip it rather than log the step twice.
         if epoch <= self.last_step:
             return
-        log_metrics(self.client, self.run_id, metrics, step=epoch)
-        self.last_step = epoch
+        # A busy sqlite file or a server blip must not cost the trial its training: retry, then
+        # warn and go on (the epoch is still reported to Tune and kept in its results).
+        for attempt in range(4):
+            try:
+                log_metrics(self.client, self.run_id, metrics, step=epoch)
+                self.last_step = epoch
+                return
+            except Exception as exc:  # noqa: BLE001 - MlflowException, database locked, connection reset
+                if attempt == 3:
+                    log.warning("MLflow: epoch %d of run %s not logged: %s", epoch, self.run_id, exc)
+                    return
+                time.sleep(0.5 * 2 ** attempt)
 
     def finish(self, history: list[dict[str, float]], outcome: str) -> None:
         summary = {N.EPOCHS_COMPLETED: len(history)}

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -35,8 +36,9 @@ def train_trial(config: dict[str, Any], data: FerData, setup: TrialSetup) -> Non
     """Train one Tune trial. `data` arrives once through the object store (tune.with_parameters)."""
     cfg = TrainConfig.from_dict(config)  # the one conversion from Tune's dict; unknown keys fail
     torch.set_num_threads(max(1, int(setup.cpus_per_trial)))
-    # Ray sets CUDA_VISIBLE_DEVICES to this trial's GPU share; none means CPU.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Only a trial Ray gave a GPU share uses one: Ray 2.x leaves CUDA_VISIBLE_DEVICES alone for
+    # zero-GPU trials, so torch.cuda.is_available() would put "CPU" trials on GPU 0 unscheduled.
+    device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
     ctx = tune.get_context()
 
     resume, run_id = None, None

@@ -198,3 +198,11 @@ def test_real_tarball_split_sizes_class_counts_and_cache(tmp_path, monkeypatch):
     data = D.load(D.DataConfig(path=str(SHARED_TARBALL), cache_dir=str(cache)), progress=False)
     assert len(data.train) + len(data.val) == 28709 and len(data.test) == 7178
     assert len(data.val) == 2871
+
+
+@pytest.mark.parametrize("name, content", [("fer.zip", b"PK\x03\x04 truncated"), ("fer.tar.gz", b"\x1f\x8b\x08 broken"),
+                                           ("fer2013.csv.gz", b"not gzip at all")])
+def test_damaged_files_are_one_data_error(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=f"cannot read .*{name}"):
+        D.read_source(tmp_path / name, progress=False)

@@ -110,3 +110,14 @@ def test_augmentation_flips_and_translates_whole_batches():
             torch.equal(shifted[i, 0, 3:45, 3:45], x[i, 0, 3 + dy:45 + dy, 3 + dx:45 + dx])
             for dy in range(-3, 4) for dx in range(-3, 4))
         assert found
+
+
+def test_a_file_that_is_not_a_checkpoint_is_a_data_error(tmp_path):
+    from fer_model.errors import DataError
+
+    (tmp_path / "x.pt").write_bytes(b"hello")
+    with pytest.raises(DataError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "x.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "y.pt")
+    with pytest.raises(ConfigError, match="not a training checkpoint"):
+        fit(TrainConfig(epochs=1), None, resume=load_checkpoint(tmp_path / "y.pt"))  # refused before touching data

@@ -119,3 +119,14 @@ def test_cli_bad_flag_as_a_process(workdir):
     proc = subprocess.run([sys.executable, "-m", "tuning.grid", "--dropouts", "abc"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: expected comma-separated numbers, got 'abc'"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], "--device 'tpu'"),
+    (["--tracking-uri", "mlruns"], "cannot be used"),
+    (["--data-seed", "-1"], "data seed must be >= 0"),
+])
+def test_more_bad_flags_are_caught_before_ray_starts(workdir, capsys, argv, message):
+    assert run_main(grid.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err

@@ -108,6 +108,9 @@ def test_interrupted_search_resumes_without_repeating_trials(ray_session, workdi
     ("dropout: {uniform: [0.2, 1.5]}\n", "dropout: value 1.5 is not allowed"),
     ("optimizer: {choice: [adam, lbfgs]}\n", "optimizer: value 'lbfgs' is not allowed"),
     ("lr: [1, 2\n", "not valid YAML"),
+    ("batch_size: {loguniform: [16, 256]}\n", "batch_size takes integers: use choice or randint"),
+    ("hidden: {choice: [100]}\n", "hidden: value 100 is not allowed"),
+    ("dropout: {randint: [0, 1]}\n", "dropout is not an integer option"),
 ])
 def test_bad_space_file_gives_one_line_and_exit_2(workdir, capsys, text, message):
     (workdir / "space.yaml").write_text(text)
