@@ -25,6 +25,7 @@ from fer_model.data import CLASS_NAMES, FerData
 from fer_model.errors import UserError
 from fer_model.evaluate import evaluate, save_evaluation
 from fer_model.model import outputs_probabilities
+from fer_model.presets import STUDY_TEST_ACC
 from fer_model.training import STATUS_DIVERGED, TrainConfig, fit, to_input
 from tuning import names as N
 from tuning.options import CommonOptions, add_common_flags, common_options
@@ -113,7 +114,17 @@ def _log_and_register(opts: CommonOptions, run_id: str, parent_run_id: str, best
     return None if version is None else str(version)
 
 
-def describe_final(final: FinalResult, model_name: str, study_acc: float = 0.5780) -> str:
+def final_stage(opts: CommonOptions, data: FerData, experiment_id: str, parent_run_id: str,
+                best_config: dict[str, Any], best_trial_run_id: str | None) -> FinalResult | None:
+    """The stages' last step: `run_final` and its summary, unless --no-final."""
+    if not opts.run_final:
+        return None
+    final = run_final(opts, data, experiment_id, parent_run_id, best_config, best_trial_run_id)
+    print(describe_final(final, opts.model_name))
+    return final
+
+
+def describe_final(final: FinalResult, model_name: str, study_acc: float = STUDY_TEST_ACC["seed-best"]) -> str:
     m = final.test_metrics
     halves = ", ".join(f"{label} {100 * m[k]:.2f}%" for label, k in (("PublicTest", M.TEST_PUBLIC_ACC), ("PrivateTest", M.TEST_PRIVATE_ACC)) if k in m)
     return (f"final: {final.config.epochs} epochs in {final.train_seconds:.0f} s; test accuracy {100 * m[M.TEST_ACC]:.2f}% "

@@ -19,7 +19,7 @@ from fer_model.errors import ConfigError
 from fer_model.training import OPTIMIZERS, TrainConfig
 from tuning import names as N
 from tuning import report
-from tuning.final import describe_final, run_final
+from tuning.final import final_stage
 from tuning.options import add_common_flags, apply_preset, common_options
 from tuning.runner import best_row, make_scheduler, ray_session, run_trials
 from tuning.spaces import GRID_FIXED, STUDY_GRID
@@ -114,9 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             outcome = run_search(search, opts, data, client, experiment_id, seed_config=best.config)
             final_from = (outcome.parent_run_id, outcome.best.config, outcome.best.run_id)
-        if opts.run_final:
-            final = run_final(opts, data, experiment_id, *final_from)
-            print(describe_final(final, opts.model_name, report.STUDY_FINAL_TEST_ACC))
+        final_stage(opts, data, experiment_id, *final_from)
     print(f"wall time {time.perf_counter() - t_start:.0f} s; grid run {parent}")
     print(f"inspect: {report.mlflow_ui_command(opts.tracking_uri)}")
     return 0

@@ -25,7 +25,7 @@ from fer_model.errors import ConfigError, UserError
 from fer_model.training import TrainConfig
 from tuning import names as N
 from tuning import report
-from tuning.final import describe_final, run_final
+from tuning.final import final_stage
 from tuning.options import CommonOptions, add_common_flags, common_options
 from tuning.runner import TrialRow, best_row, make_scheduler, ray_session, run_trials
 from tuning.spaces import DEFAULT_SEARCH_SPACE, SEARCH_FIXED, load_space, to_tune, validate_space
@@ -208,6 +208,9 @@ def run_search(s: SearchSettings, opts: CommonOptions, data, client, experiment_
             files += optuna_plots(optuna.load_study(study_name=study_name, storage=s.storage_url), Path(d))
             log_files(client, parent, files)
         record_best(client, parent, best.config, best.run_id)
+    print(f"\nstudy {study_name} ({s.storage_url}); trials by validation accuracy:")
+    print(report.trials_text(rows))
+    print(f"best: {best.config} val {100 * best.val_acc:.2f}% (run {best.run_id})")
     return SearchOutcome(parent, study_name, rows, best)
 
 
@@ -281,12 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     experiment_id = ensure_experiment(client, opts.experiment)
     with ray_session(opts):
         outcome = run_search(s, opts, data, client, experiment_id)
-        print(f"\nstudy {outcome.study_name} ({s.storage_url}); trials by validation accuracy:")
-        print(report.trials_text(outcome.rows))
-        print(f"best: {outcome.best.config} val {100 * outcome.best.val_acc:.2f}% (run {outcome.best.run_id})")
-        if opts.run_final:
-            final = run_final(opts, data, experiment_id, outcome.parent_run_id, outcome.best.config, outcome.best.run_id)
-            print(describe_final(final, opts.model_name, report.STUDY_FINAL_TEST_ACC))
+        final_stage(opts, data, experiment_id, outcome.parent_run_id, outcome.best.config, outcome.best.run_id)
     print(f"wall time {time.perf_counter() - t0:.0f} s; search run {outcome.parent_run_id}")
     print(f"inspect: {report.mlflow_ui_command(opts.tracking_uri)}; optuna-dashboard {s.storage_url}")
     return 0
