@@ -165,7 +165,10 @@ def read_cached(
     A changed source gets a new fingerprint and so a new cache entry: a stale cache is never served.
     """
     source = Path(source)
-    fingerprint = fingerprint_source(source)
+    try:
+        fingerprint = fingerprint_source(source)
+    except OSError as exc:
+        raise DataError(f"cannot read {str(source)!r}: {exc.strerror or exc}") from None
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     entry = cache / f"fer2013-{fingerprint[:32]}.npz"
     if entry.exists():
@@ -178,11 +181,14 @@ def read_cached(
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             log.warning("cache entry %s is unreadable; decoding the source again", entry)
     raw = read_source(source, progress=progress)
-    cache.mkdir(parents=True, exist_ok=True)
-    # Write beside, then rename: concurrent loaders never see half a file.
-    tmp = entry.with_name(f"{entry.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, images=raw.images, labels=raw.labels, usage=raw.usage, notes=np.array(raw.notes, dtype=str))
-    os.replace(tmp, entry)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        # Write beside, then rename: concurrent loaders never see half a file.
+        tmp = entry.with_name(f"{entry.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, images=raw.images, labels=raw.labels, usage=raw.usage, notes=np.array(raw.notes, dtype=str))
+        os.replace(tmp, entry)
+    except OSError as exc:  # the data is decoded: a cache we cannot write only costs the next load
+        log.warning("cannot write the data cache in %s (%s); the next load decodes again", cache, exc.strerror or exc)
     return raw, fingerprint
 
 

@@ -66,6 +66,8 @@ def build_parser() -> Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.resume:
+        raise ConfigError("the grid has no --resume; continue an interrupted search with python -m tuning.search --resume")
     if args.quick:
         apply_preset(args, QUICK, {})
     opts = common_options(args)

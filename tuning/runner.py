@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import ray
 from ray import tune
+from ray.tune.stopper import TimeoutStopper
 
 from fer_model import metrics as M
 from fer_model.errors import UserError
@@ -119,19 +119,33 @@ def run_trials(opts: CommonOptions, data, setup: TrialSetup, name: str, param_sp
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=M.SELECTION_METRIC, mode=M.SELECTION_MODE, search_alg=search_alg, scheduler=scheduler,
-                num_samples=num_samples, max_concurrent_trials=opts.max_concurrent, time_budget_s=time_budget_s),
+                num_samples=num_samples, max_concurrent_trials=opts.max_concurrent),
             run_config=tune.RunConfig(
                 name=name, storage_path=opts.storage,
+                stop=BudgetStopper(time_budget_s) if time_budget_s else None,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest epoch is all a resume needs
                 failure_config=tune.FailureConfig(max_failures=1),  # one retry from the last checkpoint
                 verbose=1),
         )
-    started = time.monotonic()
+    BudgetStopper.spent = False
     results = tuner.fit()
-    budget_spent = time_budget_s is not None and time.monotonic() - started >= time_budget_s
+    budget_spent = BudgetStopper.spent
     # A search interrupted before it created all its trials has fewer results than samples.
     missing = num_samples - len(results) if search_alg is not None and not budget_spent else 0
     return reconcile(results, setup, budget_spent=budget_spent, missing=max(missing, 0))
+
+
+class BudgetStopper(TimeoutStopper):
+    """Tune's time budget, telling whether it ran out (trials it cut are then stopped early, not
+    interrupted). It is saved with the experiment, so a resumed search gets what was left."""
+
+    spent = False  # class-level: the controller and this flag both live in the driver process
+
+    def stop_all(self) -> bool:
+        if super().stop_all():
+            BudgetStopper.spent = True
+            return True
+        return False
 
 
 def reconcile(results, setup: TrialSetup, budget_spent: bool = False, missing: int = 0) -> list[TrialRow]:
@@ -157,6 +171,8 @@ def reconcile(results, setup: TrialSetup, budget_spent: bool = False, missing: i
         if result.error is not None:
             outcome = N.OUTCOME_ERROR
             log.warning("trial %s failed: %s", trial_id, str(result.error).splitlines()[0] if str(result.error) else result.error)
+        elif outcome is None and history and not math.isfinite(history[-1][M.TRAIN_LOSS]):
+            outcome = N.OUTCOME_DIVERGED  # stopped by the scheduler at the epoch it diverged
         elif outcome is None and (metrics.get("done") or budget_spent):
             outcome = N.OUTCOME_COMPLETED if ran_to_end else N.OUTCOME_STOPPED_EARLY
         if outcome is None:

@@ -175,18 +175,18 @@ def run_search(s: SearchSettings, opts: CommonOptions, data, client, experiment_
     fixed = {**SEARCH_FIXED, "epochs": s.epochs, "seed": s.train_seed, **{k: v for k, v in s.space.items() if not isinstance(v, dict)}}
     if resumed:  # the restored Tune experiment keeps its own trial count, space and data
         s = dataclasses.replace(s, trials=int(resumed.data.params.get("trials", s.trials)))
-        was, now = resumed.data.params, {**data.sizes(), "data_fingerprint": data.fingerprint[:16]}
+        was, now = resumed.data.params, _data_params(opts, data)
         changed = [k for k, v in now.items() if k in was and was[k] != str(v)]
         if changed:
             raise ConfigError(f"--resume: the data differs from the interrupted search's ({', '.join(changed)}); "
-                              "pass the same --data, --max-samples and --val-fraction")
+                              "pass the same --data, --max-samples, --val-fraction and --data-seed")
     tune_path = resumed.data.tags.get(TAG_TUNE_PATH) if resumed else None
     if resumed and not (tune_path and tune.Tuner.can_restore(tune_path)):
         raise UserError(f"--resume: the Tune experiment of run {resumed.info.run_id} ({tune_path}) cannot be restored")
 
     params = {"trials": s.trials, "epochs": s.epochs, "scheduler": s.scheduler, "space": str(s.space),
               "optuna_storage": s.storage_url, "seeded_with": str(points[0]) if points else "nothing",
-              **data.sizes(), "data_fingerprint": data.fingerprint[:16]}
+              "time_budget": s.time_budget, **_data_params(opts, data)}
     tags = {N.TAG_STAGE: N.STAGE_SEARCH, N.TAG_STUDY: study_name}
     with stage_run(client, experiment_id, f"search {study_name}", tags, None if resumed else params,
                    run_id=resumed.info.run_id if resumed else None) as parent:
@@ -205,13 +205,19 @@ def run_search(s: SearchSettings, opts: CommonOptions, data, client, experiment_
         with tempfile.TemporaryDirectory() as d:
             files = [report.write_table(rows, Path(d) / "search_trials.csv"),
                      report.plot_all_learning_curves(rows, Path(d) / "learning_curves.png")]
-            files += optuna_plots(optuna.load_study(study_name=study_name, storage=s.storage_url), Path(d))
+            files += optuna_plots(optuna.load_study(study_name=study_name, storage=storage), Path(d))
             log_files(client, parent, files)
         record_best(client, parent, best.config, best.run_id)
     print(f"\nstudy {study_name} ({s.storage_url}); trials by validation accuracy:")
     print(report.trials_text(rows))
     print(f"best: {best.config} val {100 * best.val_acc:.2f}% (run {best.run_id})")
     return SearchOutcome(parent, study_name, rows, best)
+
+
+def _data_params(opts: CommonOptions, data) -> dict[str, Any]:
+    """What decides the data a trial sees; a resume must see the same."""
+    return {**data.sizes(), "data_fingerprint": data.fingerprint[:16], "val_fraction": opts.data.val_fraction,
+            "data_seed": opts.data.seed}
 
 
 def _study_has_trials(optuna, url: str, name: str) -> bool:
@@ -272,11 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume:
         fixed_on_resume = {"--trials": args.trials is not None, "--space": args.space is not None,
                            "--epochs": args.search_epochs != SEARCH_FIXED["epochs"],
-                           "--scheduler": args.search_scheduler != "asha"}
+                           "--scheduler": args.search_scheduler != "asha", "--time-budget": args.time_budget is not None}
         given = [flag for flag, was_given in fixed_on_resume.items() if was_given]
         if given:
             raise ConfigError(f"{', '.join(given)} cannot change a resumed search: it keeps what it started with")
-    s = search_settings(args, opts, args.trials or DEFAULT_TRIALS)
+    s = search_settings(args, opts, args.trials if args.trials is not None else DEFAULT_TRIALS)
     t0 = time.perf_counter()
     data = fdata.load(opts.data)
     print(f"data: {fdata.describe(data)}")

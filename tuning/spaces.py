@@ -30,6 +30,7 @@ DEFAULT_SEARCH_SPACE: dict[str, Any] = {
 SEARCH_FIXED: dict[str, Any] = {**STUDY_PROTOCOL, "arch": "cnn", "epochs": 15}
 
 _KINDS = ("choice", "uniform", "loguniform", "randint")
+_CHOICE_ONLY = {"conv3_channels", "hidden"}  # a few allowed widths, not a range
 
 
 def load_space(path: str | Path) -> dict[str, Any]:
@@ -72,8 +73,10 @@ def validate_space(space: Any) -> dict[str, Any]:
     """Check every key is a TrainConfig field and every range is possible; returns the space."""
     if not isinstance(space, Mapping) or not space:
         raise ConfigError("a space must be a non-empty mapping of TrainConfig fields to distributions")
-    fields = set(TrainConfig.__dataclass_fields__)
+    fields = set(TrainConfig.__dataclass_fields__) - {"epochs"}
     for key, spec in space.items():
+        if key == "epochs":
+            raise ConfigError("epochs is not searched: set it with --epochs (ASHA's horizon follows it)")
         if key not in fields:
             raise ConfigError(f"unknown key {key!r} (known: {', '.join(sorted(fields))})")
         if isinstance(spec, Mapping):
@@ -92,8 +95,8 @@ def validate_space(space: Any) -> dict[str, Any]:
                     raise ConfigError(f"{key}: loguniform needs low > 0, got {low}")
                 if kind != "randint" and _is_int_field(key):
                     raise ConfigError(f"{key} takes integers: use choice or randint, not {kind}")
-                if kind == "randint" and not _is_int_field(key):
-                    raise ConfigError(f"{key} is not an integer option: randint does not fit it")
+                if kind == "randint" and (not _is_int_field(key) or key in _CHOICE_ONLY):
+                    raise ConfigError(f"{key}: randint does not fit it; use choice")
             # Every value the space can produce must make a valid TrainConfig.
             for v in values:
                 _check_value(key, v)
@@ -110,7 +113,7 @@ def _is_int_field(key: str) -> bool:
 def _check_value(key: str, value: Any) -> None:
     try:
         TrainConfig.from_dict({key: value})
-    except (ConfigError, TypeError) as exc:
+    except (ConfigError, TypeError, ValueError, OverflowError) as exc:
         raise ConfigError(f"{key}: value {value!r} is not allowed ({exc})") from None
 
 

@@ -122,6 +122,9 @@ class TrialTracker:
             return cls(client, new_id, 0)
         if run.info.status != "RUNNING":
             client.update_run(run.info.run_id, status="RUNNING")
+        for tag in (N.TAG_OUTCOME, N.TAG_STOPPED_EARLY):  # the earlier attempt's verdict no longer holds
+            if tag in run.data.tags:
+                client.delete_tag(run.info.run_id, tag)
         history = client.get_metric_history(run.info.run_id, M.VAL_ACC)
         return cls(client, run.info.run_id, max((m.step for m in history), default=0))
 

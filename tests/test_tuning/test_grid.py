@@ -111,6 +111,7 @@ def test_grid_against_a_real_mlflow_server(ray_session, workdir, tiny_folder, ml
     (["--device", "tpu"], "--device 'tpu'"),
     (["--tracking-uri", "mlruns"], "cannot be used"),
     (["--data-seed", "-1"], "data seed must be >= 0"),
+    (["--search-trials", "3", "--resume"], "the grid has no --resume"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(workdir, capsys, argv, message):
     assert run_main(grid.main, argv) == 2

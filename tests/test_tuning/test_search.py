@@ -110,7 +110,9 @@ def test_interrupted_search_resumes_without_repeating_trials(ray_session, workdi
     ("lr: [1, 2\n", "not valid YAML"),
     ("batch_size: {loguniform: [16, 256]}\n", "batch_size takes integers: use choice or randint"),
     ("hidden: {choice: [100]}\n", "hidden: value 100 is not allowed"),
-    ("dropout: {randint: [0, 1]}\n", "dropout is not an integer option"),
+    ("dropout: {randint: [0, 1]}\n", "dropout: randint does not fit it"),
+    ("hidden: {randint: [64, 129]}\n", "hidden: randint does not fit it; use choice"),
+    ("epochs: 20\n", "epochs is not searched: set it with --epochs"),
 ])
 def test_bad_space_file_gives_one_line_and_exit_2(workdir, capsys, text, message):
     (workdir / "space.yaml").write_text(text)
@@ -132,3 +134,15 @@ def test_space_file_yaml_and_json_give_the_same_space(workdir):
     (workdir / "s.json").write_text('{"lr": {"loguniform": [1e-4, 1e-2]}, "batch_size": {"choice": [32, 64]}, "optimizer": "sgd"}')
     assert load_space(workdir / "s.yaml") == load_space(workdir / "s.json") == {
         "lr": {"loguniform": [1e-4, 1e-2]}, "batch_size": {"choice": [32, 64]}, "optimizer": "sgd"}
+
+
+def test_time_budget_ends_the_search_as_finished_not_interrupted(ray_session, workdir, tiny_folder):
+    argv = ["--data", tiny_folder, "--trials", 6, "--epochs", 40, "--scheduler", "none", "--max-concurrent", 1,
+            "--time-budget", 20, "--study-name", "tb", "--no-final"]
+    assert run_main(search.main, argv) == 0
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    parent = _search_run(client)
+    assert parent.info.status == "FINISHED"
+    children = _children(client, parent.info.run_id)
+    assert children and all(c.info.status == "FINISHED" for c in children)
+    assert any(c.data.tags[N.TAG_OUTCOME] == N.OUTCOME_STOPPED_EARLY for c in children)
