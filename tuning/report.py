@@ -9,7 +9,6 @@ from typing import Sequence
 import numpy as np
 
 from fer_model.evaluate import plot_learning_curves, pyplot
-from fer_model.presets import STUDY_TEST_ACC
 from tuning.runner import TrialRow
 
 # The study's 10-epoch grid, measured on its test set (it had no validation split).
@@ -18,7 +17,6 @@ STUDY_GRID_TEST_ACC = {
     (0.5, 1e-3): 0.5598, (0.5, 1e-2): 0.2471, (0.5, 1e-4): 0.5159,
     (0.7, 1e-3): 0.5626, (0.7, 1e-2): 0.2471, (0.7, 1e-4): 0.5028,
 }
-STUDY_FINAL_TEST_ACC = STUDY_TEST_ACC["seed-best"]
 
 
 def varying_keys(rows: Sequence[TrialRow]) -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,15 +84,6 @@ def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, stage: str | None = None) -> list:
-    """Runs whose parent is `parent_run_id` (optionally of one stage), oldest first."""
-    query = f"tags.`{N.TAG_PARENT}` = '{parent_run_id}'"
-    if stage:
-        query += f" and tags.`{N.TAG_STAGE}` = '{stage}'"
-    runs = client.search_runs([experiment_id], query, max_results=5000, order_by=["attributes.start_time ASC"])
-    return list(runs)
-
-
 def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str):
     query = (f"tags.`{N.TAG_PARENT}` = '{parent_run_id}' and tags.`{N.TAG_TRIAL_ID}` = '{trial_id}'")
     runs = client.search_runs([experiment_id], query, max_results=2)
@@ -154,13 +144,6 @@ class TrialTracker:
         log_metrics(self.client, self.run_id, summary, step=len(history))
         set_tags(self.client, self.run_id, {N.TAG_OUTCOME: outcome, N.TAG_STOPPED_EARLY: "false"})
         self.client.set_terminated(self.run_id, "FINISHED")
-
-
-def finite(x: Any) -> bool:
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
 
 
 def log_files(client: MlflowClient, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
