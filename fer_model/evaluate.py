@@ -42,6 +42,13 @@ class Evaluation:
     labels: np.ndarray
 
 
+def describe_test(metrics: dict[str, float]) -> str:
+    """One line of test numbers: accuracy, each half where known, macro F1."""
+    halves = "".join(f", {label} {100 * metrics[k]:.2f}%" for label, k in
+                     (("PublicTest", M.TEST_PUBLIC_ACC), ("PrivateTest", M.TEST_PRIVATE_ACC)) if k in metrics)
+    return f"test accuracy {100 * metrics[M.TEST_ACC]:.2f}%{halves}, macro F1 {metrics[M.TEST_MACRO_F1]:.4f}"
+
+
 def probabilities(model: nn.Module, images: torch.Tensor, **kw: Any) -> torch.Tensor:
     """Class probabilities for uint8 images (softmax of logits; Model 1's outputs as they are)."""
     out = predict(model, images, **kw)

@@ -21,7 +21,7 @@ from fer_model import data as fdata
 from fer_model import metrics as M
 from fer_model.cli import Parser, add_dataclass_flags, given, run_cli
 from fer_model.config import config_to_dict
-from fer_model.evaluate import evaluate, save_evaluation
+from fer_model.evaluate import describe_test, evaluate, save_evaluation
 from fer_model.model import build_model, count_parameters
 from fer_model.presets import PRESETS, STUDY_TEST_ACC
 from fer_model.training import (EpochResult, TrainConfig, fast_bf16, fit, load_checkpoint, resolve_device,
@@ -95,12 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                "sizes": data.sizes(), "train_seconds": train_seconds, "device": str(device),
                "history": result.history, "test": ev.metrics}
     (out / "run.json").write_text(json.dumps(summary, indent=2))
-    m = ev.metrics
-    halves = " ".join(f"{k.split('_')[1].capitalize()}Test {100 * m[k]:.2f}%" for k in (M.TEST_PUBLIC_ACC, M.TEST_PRIVATE_ACC) if k in m)
     study = STUDY_TEST_ACC.get(args.preset or "")
     print(f"{result.status}: {result.epochs_completed} epochs in {train_seconds:.0f} s")
-    print(f"Test Accuracy: {100 * m[M.TEST_ACC]:.2f}% ({halves}), macro F1 {m[M.TEST_MACRO_F1]:.4f}"
-          + (f"; the study: {100 * study:.2f}%" if study else ""))
+    print(describe_test(ev.metrics) + (f"; the study: {100 * study:.2f}%" if study else ""))
     print(ev.report_text)
     print(f"wrote {out}/ (run.json, metrics.json, figures, checkpoint.pt)")
     return 0

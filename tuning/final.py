@@ -19,11 +19,10 @@ import torch
 
 import fer_model
 from fer_model import data as fdata
-from fer_model import metrics as M
 from fer_model.cli import Parser, run_cli
 from fer_model.data import CLASS_NAMES, FerData
 from fer_model.errors import UserError
-from fer_model.evaluate import evaluate, save_evaluation
+from fer_model.evaluate import describe_test, evaluate, save_evaluation
 from fer_model.model import outputs_probabilities
 from fer_model.presets import STUDY_TEST_ACC
 from fer_model.training import STATUS_DIVERGED, TrainConfig, fit, to_input
@@ -125,10 +124,8 @@ def final_stage(opts: CommonOptions, data: FerData, experiment_id: str, parent_r
 
 
 def describe_final(final: FinalResult, model_name: str, study_acc: float = STUDY_TEST_ACC["seed-best"]) -> str:
-    m = final.test_metrics
-    halves = ", ".join(f"{label} {100 * m[k]:.2f}%" for label, k in (("PublicTest", M.TEST_PUBLIC_ACC), ("PrivateTest", M.TEST_PRIVATE_ACC)) if k in m)
-    return (f"final: {final.config.epochs} epochs in {final.train_seconds:.0f} s; test accuracy {100 * m[M.TEST_ACC]:.2f}% "
-            f"({halves}; macro F1 {m[M.TEST_MACRO_F1]:.4f}) vs the study's {100 * study_acc:.2f}%\n"
+    return (f"final: {final.config.epochs} epochs in {final.train_seconds:.0f} s; "
+            f"{describe_test(final.test_metrics)} (the study: {100 * study_acc:.2f}%)\n"
             + (f"registered: {model_name} version {final.model_version} (run {final.run_id})" if final.model_version
                else f"not registered (run {final.run_id})"))
 

@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume:
         raise ConfigError("the grid has no --resume; continue an interrupted search with python -m tuning.search --resume")
     if args.quick:
-        apply_preset(args, QUICK, {})
+        apply_preset(args, QUICK)
     opts = common_options(args)
     fixed = dict(GRID_FIXED, seed=args.seed)
     fixed.update({k: getattr(args, k) for k in ("batch_size", "optimizer", "epochs", "schedule") if getattr(args, k) is not None})

@@ -133,8 +133,8 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
         raise TrackingError(f"tracking URI {uri} cannot be used: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
-def apply_preset(args: argparse.Namespace, preset: dict[str, Any], defaults: dict[str, Any]) -> None:
-    """Fill flags the user left unset: from `preset` when it is on, else from `defaults`."""
-    for key, value in {**defaults, **preset}.items():
+def apply_preset(args: argparse.Namespace, preset: dict[str, Any]) -> None:
+    """Fill the flags the user left unset from `preset`: explicit flags win."""
+    for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
