@@ -1,4 +1,8 @@
-"""Shared command-line plumbing: one-line errors with exit code 2, flags made from dataclasses."""
+"""Shared command-line plumbing: one-line errors with exit code 2, flags made from the typed configs.
+
+Nothing here imports torch, Ray or MLflow: a command parses (and answers --help or a bad flag)
+before anything heavy loads.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import argparse
 import dataclasses
 import logging
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from fer_model.errors import UserError
 
@@ -14,37 +18,70 @@ USAGE_ERROR = 2
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (no usage dump) and exit code 2."""
+    """argparse, but a bad flag is one line on stderr (no usage dump) and exit code 2, and no flag
+    may be abbreviated (``--epoch`` for ``--epochs`` would silently change a run)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (),
-                        help_for: dict[str, str] | None = None) -> None:
-    """A ``--field-name`` flag per field of `cls`, defaulting to None so presets can fill the rest."""
+def _flag(parser: argparse._ActionsContainer, name: str, default: Any, help: str) -> None:
+    """A ``--name`` flag defaulting to None ("not given"), typed like `default`."""
+    flag = "--" + name.replace("_", "-")
+    text = f"{help} (default {default})".strip()
+    if isinstance(default, bool):
+        parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+    else:
+        parser.add_argument(flag, dest=name, type=type(default) if default is not None else str, default=None, help=text)
+
+
+def add_train_flags(parser: argparse._ActionsContainer, help_for: Mapping[str, str] | None = None,
+                    skip: Sequence[str] = ()) -> None:
+    """A flag per flat training key: ``--arch``, every architecture's options, every TrainConfig field.
+
+    All default to None, meaning "not given", so presets and stage defaults fill the rest.
+    """
+    from fer_model.config import ARCHITECTURES, DEFAULT_ARCH, TrainConfig, model_option_names, option
+
     help_for = help_for or {}
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        extra = f"{help_for.get(f.name, '')} (default {default})".strip()
-        if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=extra)
-        else:
-            kind = type(default) if default is not None else str
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=extra)
+    if "arch" not in skip:
+        parser.add_argument("--arch", default=None, choices=list(ARCHITECTURES),
+                            help=help_for.get("arch", "; ".join(f"{a.name}: {a.description}" for a in ARCHITECTURES.values()))
+                            + f" (default {DEFAULT_ARCH})")
+    for name in model_option_names():
+        if name not in skip:
+            opt = option(name)
+            archs = [a.name for a in ARCHITECTURES.values() if name in a.options]
+            _flag(parser, name, opt.default, f"{help_for.get(name, opt.help)}, {opt.rule} [{', '.join(archs)}]")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "model" and f.name not in skip:
+            _flag(parser, f.name, getattr(defaults, f.name), help_for.get(f.name, ""))
 
 
 def given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
-    """The flags among `names` the user actually gave."""
+    """The flags among `names` the user actually gave (flags default to None, meaning "not given")."""
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def quiet_libraries() -> None:
+    """Library chatter off the console: matplotlib's font notices, PIL's plugin list, MLflow's
+    progress bars for every model download."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("matplotlib", "PIL", "urllib3", "alembic", "git"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run an entry point: user errors become one line and exit 2; Ctrl-C exits 130."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     try:
         return int(main(argv) or 0)
     except UserError as exc:
@@ -53,3 +90,5 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt as exc:
         print(str(exc) or "interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, its one line already printed)
+        return exc.code if isinstance(exc.code, int) else USAGE_ERROR

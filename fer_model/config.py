@@ -1,30 +1,249 @@
-"""Building typed configs from plain dicts (Tune's config, a preset, parsed flags)."""
+"""The typed configs: what data to use (`DataConfig`), which network (`ModelSpec`), how to train it
+(`TrainConfig`). Plain Python, no torch: command lines parse and check them before anything heavy loads.
+
+Tune's config dict, a preset, a search-space file and parsed flags are all *flat* dicts
+(``{"arch": "cnn", "dropout": 0.3, "lr": 1e-3, ...}``); `TrainConfig.from_dict` is the one place
+such a dict becomes a config, and `to_dict` gives the same flat dict back (MLflow params, checkpoints).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, TypeVar
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 from fer_model.errors import ConfigError
 
-T = TypeVar("T")
+
+def finite(x: Any) -> bool:
+    """Whether `x` is a finite number (bools are not numbers here)."""
+    if isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
 
 
-def config_from_dict(cls: type[T], values: Mapping[str, Any]) -> T:
-    """Build dataclass `cls` from `values`, rejecting keys it does not have.
-
-    Unknown keys are an error rather than ignored: a typo in a search space or preset would
-    otherwise silently train the default and report it as the value the user asked for.
-    """
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown {cls.__name__} key(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})"
-        )
-    return cls(**dict(values))
+def _integer(x: Any) -> bool:
+    return finite(x) and float(x) == int(float(x))
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The flat dict of a config dataclass (for params, checkpoints and presets)."""
-    return dataclasses.asdict(cfg)
+# --------------------------------------------------------------------------- data
+
+# The original CSV numbering. The Kaggle folders sort alphabetically (neutral before sad), so
+# mapping folders by position would silently swap Sad and Neutral.
+CLASS_NAMES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_SIZE = 48
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how to split it."""
+
+    path: str | None = None
+    val_fraction: float = 0.1
+    max_samples: int | None = None
+    seed: int = 0
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not finite(self.val_fraction) or not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.seed < 0:
+            raise ConfigError(f"the data seed must be >= 0, got {self.seed}")
+        if self.max_samples is not None and self.max_samples < 2 * NUM_CLASSES:
+            raise ConfigError(f"max_samples must be at least {2 * NUM_CLASSES}, got {self.max_samples}")
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option an architecture takes: its default, and the rule every value must follow."""
+
+    default: Any
+    rule: str  # shown in errors and --help, e.g. "one of 128, 64"
+    check: Callable[[Any], bool]
+    help: str = ""
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+    def normalise(self, name: str, value: Any) -> Any:
+        """`value` checked and cast to the option's type (Tune and YAML hand over numpy and str values)."""
+        ok = _integer(value) if self.kind is int else finite(value) if self.kind is float else True
+        if not ok or not self.check(value):
+            raise ConfigError(f"{name} must be {self.rule}, got {value!r}")
+        return self.kind(value)
+
+
+def _choices(*values: Any, help: str = "") -> Option:
+    return Option(values[0], "one of " + ", ".join(map(str, values)), lambda v: v in values, help)
+
+
+DROPOUT = Option(0.5, "in [0, 1)", lambda v: 0 <= v < 1, "dropout before the classifier's last layer")
+WIDTH = Option(1.0, "in [0.25, 4]", lambda v: 0.25 <= v <= 4, "channel width multiplier")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """An architecture's name, the options it takes (declared and checked here, once) and its output."""
+
+    name: str
+    options: Mapping[str, Option]
+    description: str
+    outputs_probabilities: bool = False  # ends in Softmax: predictions must not apply it again
+
+
+_STUDY_OPTIONS = {
+    "dropout": DROPOUT,
+    "conv3_channels": _choices(128, 64, help="width of the third convolution"),
+    "hidden": _choices(128, 64, help="hidden units of the classifier"),
+}
+
+# The networks `fer_model.model.build_model` can build, by name; `model.py` holds their modules.
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
+    Architecture("cnn", _STUDY_OPTIONS, "the study's CNN, logits out (its Model 2)"),
+    Architecture("cnn-softmax", _STUDY_OPTIONS, "the study's CNN ending in Softmax (its Model 1)",
+                 outputs_probabilities=True),
+)}
+DEFAULT_ARCH = "cnn"
+
+
+def model_option_names() -> list[str]:
+    """Every option any architecture takes (for command-line flags and space validation)."""
+    return sorted({name for a in ARCHITECTURES.values() for name in a.options})
+
+
+def option(name: str) -> Option:
+    """The declaration of option `name` (the first architecture that takes it)."""
+    return next(a.options[name] for a in ARCHITECTURES.values() if name in a.options)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A network: its architecture's name and that architecture's options, defaults filled in."""
+
+    arch: str = DEFAULT_ARCH
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ConfigError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
+        declared = self.architecture.options
+        unknown = sorted(set(self.options) - set(declared))
+        if unknown:
+            raise ConfigError(f"arch {self.arch} takes no option(s) {', '.join(unknown)} "
+                              f"(its options: {', '.join(sorted(declared))})")
+        values = {name: opt.normalise(name, self.options.get(name, opt.default)) for name, opt in declared.items()}
+        object.__setattr__(self, "options", values)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ModelSpec":
+        """From a flat dict: ``arch`` plus the architecture's options."""
+        values = dict(values)
+        return cls(str(values.pop("arch", DEFAULT_ARCH)), values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.arch, **self.options}
+
+    @property
+    def architecture(self) -> Architecture:
+        return ARCHITECTURES[self.arch]
+
+    @property
+    def outputs_probabilities(self) -> bool:
+        return self.architecture.outputs_probabilities
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.options.items())
+        return f"{self.arch} ({opts})" if opts else self.arch
+
+
+# --------------------------------------------------------------------------- training
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULES = ("none", "step", "cosine", "onecycle")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one training run: the network and the hyperparameters Tune searches over."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: int = 10
+    schedule: str = "none"
+    label_smoothing: float = 0.0
+    flip: bool = False
+    translate: int = 0
+    seed: int = 0
+    bf16: bool = True  # autocast to bfloat16 where the hardware has it natively (see `device.fast_bf16`)
+    channels_last: bool = True  # measured faster on CPU too (see benchmarks/RESULTS.md)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (finite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}"),
+            (finite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (finite(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+             f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (_integer(self.batch_size) and self.batch_size >= 1, f"batch_size must be an integer >= 1, got {self.batch_size}"),
+            (_integer(self.epochs) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs}"),
+            (_integer(self.translate) and 0 <= self.translate <= 16,
+             f"translate must be an integer within 0..16 pixels, got {self.translate}"),
+            (_integer(self.seed), f"seed must be an integer, got {self.seed}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        # Tune and YAML hand over numpy values; normalise so params and checkpoints are clean.
+        for name in ("batch_size", "epochs", "translate", "seed"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("lr", "weight_decay", "label_smoothing"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @classmethod
+    def training_keys(cls) -> list[str]:
+        """The flat keys that are training options (everything else in a flat dict is the model's)."""
+        return [f.name for f in dataclasses.fields(cls) if f.name != "model"]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """The one conversion from a flat dict (Tune's config, a preset, flags); unknown keys are errors.
+
+        Unknown keys are refused rather than ignored: a typo in a search space or preset would
+        otherwise silently train the default and report it as the value the user asked for.
+        """
+        training = set(cls.training_keys())
+        model_values = {k: v for k, v in values.items() if k not in training}
+        arch = model_values.get("arch", DEFAULT_ARCH)
+        if arch in ARCHITECTURES:
+            unknown = sorted(set(model_values) - {"arch"} - set(ARCHITECTURES[arch].options))
+            if unknown:
+                known = sorted(training | {"arch"} | set(ARCHITECTURES[arch].options))
+                raise ConfigError(f"unknown TrainConfig key(s) for arch {arch}: {', '.join(unknown)} "
+                                  f"(known: {', '.join(known)})")
+        return cls(model=ModelSpec.from_dict(model_values), **{k: v for k, v in values.items() if k in training})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat dict `from_dict` reads back."""
+        return {**self.model.to_dict(), **{k: getattr(self, k) for k in self.training_keys()}}
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some flat keys changed (model options included)."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def flat_keys() -> list[str]:
+    """Every key a flat training dict may hold, for any architecture."""
+    return ["arch", *model_option_names(), *TrainConfig.training_keys()]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-import io
 import logging
 import os
 import tarfile
@@ -28,15 +27,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from fer_model.errors import ConfigError, DataError
+from fer_model.config import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, DataConfig
+from fer_model.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
-# The original CSV numbering. The Kaggle folders sort alphabetically (neutral before sad), so
-# mapping folders by position would silently swap Sad and Neutral.
-CLASS_NAMES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
-NUM_CLASSES = len(CLASS_NAMES)
-IMAGE_SIZE = 48
 PIXELS = IMAGE_SIZE * IMAGE_SIZE
 
 # Where each image came from in the original FER2013 split.
@@ -54,25 +49,6 @@ EXPECTED_LAYOUT = (
     "expected train/<class>/*.jpg and test/<class>/*.jpg with the class folders "
     f"{', '.join(CLASS_NAMES)} (a folder, .zip or .tar.gz), or fer2013.csv / icml_face_data.csv"
 )
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the data is and how to split it."""
-
-    path: str | None = None
-    val_fraction: float = 0.1
-    max_samples: int | None = None
-    seed: int = 0
-    cache_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.seed < 0:
-            raise ConfigError(f"the data seed must be >= 0, got {self.seed}")
-        if self.max_samples is not None and self.max_samples < 2 * NUM_CLASSES:
-            raise ConfigError(f"max_samples must be at least {2 * NUM_CLASSES}, got {self.max_samples}")
 
 
 @dataclass
@@ -149,7 +125,7 @@ def resolve_source(path: str | os.PathLike | None = None) -> Path:
         raise DataError(
             "FER2013 not found: pass --data PATH (folder, .zip, .tar.gz or .csv), set FER2013_DATA, "
             f"put it in ./{DEFAULT_LOCAL_PATH}, or allow the kagglehub download of {_KAGGLE_DATASET} "
-            f"(it failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            f"(it failed: {type(exc).__name__}: {first_line(exc)})"
         ) from None
 
 
@@ -220,7 +196,7 @@ def read_source(source: str | os.PathLike, progress: bool = True) -> RawDataset:
     except DataError:
         raise
     except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"cannot read {str(source)!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise DataError(f"cannot read {str(source)!r}: {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def _read_source(source: Path, progress: bool) -> RawDataset:
@@ -395,7 +371,7 @@ def _place(name: str) -> tuple[int, int] | None:
 def _read_image_tree(
     entries: Iterable[tuple[str, Callable[[], bytes]]], total: int, source: str, progress: bool
 ) -> RawDataset:
-    from PIL import Image, UnidentifiedImageError  # only image trees need PIL
+    from fer_model.inputs import ImageError, is_gray48, open_image, to_gray48
 
     images, labels, usage = [], [], []
     corrupt: list[str] = []
@@ -408,15 +384,13 @@ def _read_image_tree(
         label, use = place
         seen[TRAINING if use == TRAINING else 1].add(label)
         try:
-            with Image.open(io.BytesIO(read())) as im:
-                im.load()
-                if im.mode != "L" or im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                    converted.append(name)
-                    im = im.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-                arr = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            image = open_image(read())
+        except ImageError:
             corrupt.append(name)
             continue
+        if not is_gray48(image):
+            converted.append(name)
+        arr = to_gray48(image)
         images.append(arr)
         labels.append(label)
         usage.append(use)

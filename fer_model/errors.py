@@ -11,3 +11,12 @@ class DataError(UserError):
 
 class ConfigError(UserError, ValueError):
     """A configuration value is out of range or unknown."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty.
+
+    Library errors often carry multi-line messages (tracebacks of a server, SQL); a user sees one line.
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

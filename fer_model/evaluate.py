@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from fer_model import metrics as M
+from fer_model.config import ModelSpec
 from fer_model.data import CLASS_NAMES, PRIVATE_TEST, PUBLIC_TEST, Split
-from fer_model.model import outputs_probabilities
-from fer_model.training import predict
+from fer_model.inputs import predict_proba
 
 # File names of the evaluation artifacts (the tuning stages log them under evaluation/).
 CONFUSION_PNG = "confusion_matrix.png"
@@ -38,8 +38,6 @@ class Evaluation:
     report: dict[str, Any]
     confusion: np.ndarray  # rows: true class, columns: predicted
     roc: dict[str, dict[str, list[float]]]  # class -> fpr, tpr, auc
-    probabilities: np.ndarray
-    labels: np.ndarray
 
 
 def describe_test(metrics: dict[str, float]) -> str:
@@ -49,16 +47,10 @@ def describe_test(metrics: dict[str, float]) -> str:
     return f"test accuracy {100 * metrics[M.TEST_ACC]:.2f}%{halves}, macro F1 {metrics[M.TEST_MACRO_F1]:.4f}"
 
 
-def probabilities(model: nn.Module, images: torch.Tensor, **kw: Any) -> torch.Tensor:
-    """Class probabilities for uint8 images (softmax of logits; Model 1's outputs as they are)."""
-    out = predict(model, images, **kw)
-    return out if outputs_probabilities(model) else out.softmax(dim=1)
-
-
-def evaluate(model: nn.Module, split: Split, device: torch.device | str | None = None,
+def evaluate(model: nn.Module, spec: ModelSpec, split: Split, device: torch.device | str | None = None,
              class_names: Sequence[str] = CLASS_NAMES) -> Evaluation:
     """Accuracy, macro F1, per-class report, confusion matrix and one-vs-rest ROC on `split`."""
-    probs = probabilities(model, split.images, device=device).numpy()
+    probs = predict_proba(model, split.images, spec.outputs_probabilities, device=device).numpy()
     return evaluate_probabilities(probs, split.labels.cpu().numpy(), split.usage.cpu().numpy(), class_names)
 
 
@@ -92,8 +84,7 @@ def evaluate_probabilities(probs: np.ndarray, labels: np.ndarray, usage: np.ndar
             fpr, tpr, _ = roc_curve(positives, probs[:, i])
             roc[name] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": float(auc(fpr, tpr))}
     return Evaluation(metrics=metrics, report_text=classification_report(labels, pred, **kw), report=report,
-                      confusion=confusion_matrix(labels, pred, labels=list(range(k))), roc=roc,
-                      probabilities=probs, labels=labels)
+                      confusion=confusion_matrix(labels, pred, labels=list(range(k))), roc=roc)
 
 
 def save_evaluation(ev: Evaluation, out_dir: str | Path, history: Sequence[dict[str, float]] | None = None,

@@ -1,5 +1,10 @@
 """Metric names, defined once: the trainer, Tune, MLflow and best-trial selection all use these."""
 
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
 TRAIN_LOSS = "train_loss"
 TRAIN_ACC = "train_acc"
 VAL_LOSS = "val_loss"
@@ -14,6 +19,11 @@ EPOCH_METRICS = (TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC, EPOCH_SECONDS, IMAGES
 SELECTION_METRIC = VAL_ACC
 SELECTION_MODE = "max"
 
+# Summaries of a run's epochs (a trial run carries them beside its per-epoch history).
+FINAL_VAL_ACC = "final_val_acc"
+BEST_VAL_ACC = "best_val_acc"
+EPOCHS_COMPLETED = "epochs_completed"
+
 TEST_ACC = "test_acc"
 TEST_MACRO_F1 = "test_macro_f1"
 TEST_PUBLIC_ACC = "test_public_acc"
@@ -24,3 +34,23 @@ TEST_LOSS = "test_loss"
 def test_f1_name(class_name: str) -> str:
     """The metric name of one class's test F1 (e.g. ``test_f1_happy``)."""
     return f"test_f1_{class_name.lower()}"
+
+
+def last_val_acc(history: Sequence[Mapping[str, float]]) -> float:
+    """Validation accuracy at the last epoch (what selection uses); NaN with no epochs."""
+    return float(history[-1][VAL_ACC]) if history else float("nan")
+
+
+def best_val_acc(history: Sequence[Mapping[str, float]]) -> float:
+    """The highest validation accuracy of any epoch; NaN with no epochs."""
+    values = [float(h[VAL_ACC]) for h in history if math.isfinite(h[VAL_ACC])]
+    return max(values) if values else float("nan")
+
+
+def summary(history: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """The summary metrics of a history: epochs, last and best validation accuracy."""
+    out: dict[str, float] = {EPOCHS_COMPLETED: len(history)}
+    if history:
+        out[FINAL_VAL_ACC] = last_val_acc(history)
+        out[BEST_VAL_ACC] = best_val_acc(history)
+    return out

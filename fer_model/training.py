@@ -1,4 +1,4 @@
-"""TrainConfig and `fit`: one configuration trained on in-memory uint8 tensors.
+"""`fit`: one `TrainConfig` trained on in-memory uint8 tensors; checkpoints to resume it exactly.
 
 The hot loop follows cifar10-airbench rather than the study's notebook: the whole dataset sits on
 the training device as one uint8 tensor, batches are index gathers, augmentation is done on whole
@@ -8,7 +8,6 @@ the loop does not synchronise every step. `benchmarks/throughput.py` measures th
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,81 +20,17 @@ from torch import nn
 
 from fer_model import metrics as M
 from fer_model.augment import augment_batch
-from fer_model.config import config_from_dict, config_to_dict
+from fer_model.config import TrainConfig
 from fer_model.data import FerData, Split
-from fer_model.errors import ConfigError, DataError
-from fer_model.model import ARCHITECTURES, CONV3_CHOICES, HIDDEN_CHOICES, build_model
+from fer_model.device import autocast, resolve_device
+from fer_model.errors import ConfigError, DataError, first_line
+from fer_model.inputs import predict_outputs, to_input
+from fer_model.model import build_model
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-SCHEDULES = ("none", "step", "cosine", "onecycle")
 # "step": StepLR(step_size=7, gamma=0.1). Every loss curve in the study falls by 15-30% in one
 # epoch at epoch 7 (e.g. 0.6651 -> 0.4734) and flattens after: the signature of this schedule.
 STEP_EPOCHS, STEP_GAMMA = 7, 0.1
-EVAL_BATCH = 1024
 STATUS_COMPLETED, STATUS_DIVERGED, STATUS_STOPPED = "completed", "diverged", "stopped"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines one training run (the hyperparameters Tune searches over)."""
-
-    arch: str = "cnn"
-    conv3_channels: int = 128
-    hidden: int = 128
-    dropout: float = 0.5
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    epochs: int = 10
-    schedule: str = "none"
-    label_smoothing: float = 0.0
-    flip: bool = False
-    translate: int = 0
-    seed: int = 0
-    bf16: bool = True  # autocast to bfloat16 where the hardware has it natively (see `fast_bf16`)
-    channels_last: bool = True  # measured faster on CPU too (see benchmarks/RESULTS.md)
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.arch in ARCHITECTURES, f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}"),
-            (self.conv3_channels in CONV3_CHOICES, f"conv3_channels must be one of {CONV3_CHOICES}, got {self.conv3_channels}"),
-            (self.hidden in HIDDEN_CHOICES, f"hidden must be one of {HIDDEN_CHOICES}, got {self.hidden}"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (_finite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}"),
-            (_finite(self.dropout) and 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
-            (_finite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (int(self.batch_size) == self.batch_size and self.batch_size >= 1, f"batch_size must be an integer >= 1, got {self.batch_size}"),
-            (int(self.epochs) == self.epochs and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs}"),
-            (int(self.translate) == self.translate and 0 <= self.translate <= 16,
-             f"translate must be an integer within 0..16 pixels, got {self.translate}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        # Tune and YAML hand over numpy/float values; normalise so params and checkpoints are clean.
-        object.__setattr__(self, "batch_size", int(self.batch_size))
-        object.__setattr__(self, "epochs", int(self.epochs))
-        object.__setattr__(self, "lr", float(self.lr))
-        object.__setattr__(self, "dropout", float(self.dropout))
-        object.__setattr__(self, "weight_decay", float(self.weight_decay))
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        """The one conversion from a plain dict (Tune's config, a preset); unknown keys are errors."""
-        return config_from_dict(cls, values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-
-def _finite(x: Any) -> bool:
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
 
 
 @dataclass
@@ -104,11 +39,7 @@ class EpochResult:
 
     epoch: int
     metrics: dict[str, float]
-    state: Callable[[], dict[str, Any]] = field(repr=False)
-
-    def checkpoint(self) -> dict[str, Any]:
-        """The full training state after this epoch (see `save_checkpoint`)."""
-        return self.state()
+    state: Callable[[], dict[str, Any]] = field(repr=False)  # the full training state (see `save_checkpoint`)
 
 
 @dataclass
@@ -122,59 +53,8 @@ class FitResult:
     def epochs_completed(self) -> int:
         return len(self.history)
 
-    @property
-    def final_val_acc(self) -> float:
-        return self.history[-1][M.VAL_ACC] if self.history else float("nan")
-
-    @property
-    def best_val_acc(self) -> float:
-        return max((h[M.VAL_ACC] for h in self.history), default=float("nan"))
-
 
 EpochCallback = Callable[[EpochResult], "bool | None"]
-
-
-@functools.lru_cache(maxsize=None)
-def fast_bf16(device_type: str) -> bool:
-    """Whether bfloat16 autocast speeds training up on this kind of device.
-
-    CUDA GPUs (Ampere and later) and x86 CPUs with AVX512-BF16 or AMX run bf16 natively: on this
-    project's 2-core AMD EPYC (AVX512-BF16) it trains the study's CNN about 2x faster than fp32.
-    Elsewhere bf16 is emulated and slower, so it stays off.
-    """
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device_type == "cpu":
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return " avx512_bf16" in flags or " amx_bf16" in flags
-    return False
-
-
-def autocast(device: torch.device, bf16: bool) -> torch.autocast:
-    """bfloat16 autocast when asked for and native on `device`; a no-op context otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and fast_bf16(device.type))
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """The device called `name` (cpu, cuda, cuda:N), or the default; one that is not here is a ConfigError."""
-    if name is None:
-        return default_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"--device {name!r}: {str(exc).splitlines()[0]}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name!r}: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"--device {name!r}: no such CUDA device here")
-    return device
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -184,7 +64,9 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}")  # TrainConfig refuses it first; a new name needs a branch here
 
 
 def lr_factor(schedule: str, step: int, steps_per_epoch: int, total_steps: int) -> float:
@@ -202,30 +84,8 @@ def lr_factor(schedule: str, step: int, steps_per_epoch: int, total_steps: int) 
     return 1.0
 
 
-def to_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """uint8 (B, 1, 48, 48) -> float in [0, 1], the model's input (the study's ToTensor scaling)."""
-    x = images.float().div_(255.0)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, device: torch.device | str | None = None,
-            batch_size: int = EVAL_BATCH, channels_last: bool = True, bf16: bool = True) -> torch.Tensor:
-    """The model's raw outputs (logits, or probabilities for Model 1) for uint8 images, on CPU as float32."""
-    device = torch.device(device) if device else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    outs = []
-    with autocast(device, bf16):
-        for i in range(0, images.shape[0], batch_size):
-            x = to_input(images[i:i + batch_size].to(device, non_blocking=True), channels_last)
-            outs.append(model(x).float())
-    model.train(was_training)
-    return torch.cat(outs).cpu() if outs else torch.zeros(0, 7)
-
-
 def _loss_acc(model: nn.Module, split: Split, cfg: TrainConfig, device: torch.device) -> tuple[float, float]:
-    out = predict(model, split.images, device, channels_last=cfg.channels_last, bf16=cfg.bf16)
+    out = predict_outputs(model, split.images, device, channels_last=cfg.channels_last, bf16=cfg.bf16)
     labels = split.labels.cpu()
     loss = F.cross_entropy(out, labels).item()
     acc = (out.argmax(1) == labels).float().mean().item()
@@ -275,9 +135,9 @@ def fit(cfg: TrainConfig, data: FerData, on_epoch: EpochCallback | None = None,
     """
     if resume is not None:
         _check_resumable(cfg, resume)  # before any work: a wrong checkpoint is the user's error
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, cfg.dropout, cfg.conv3_channels, cfg.hidden).to(device)
+    model = build_model(cfg.model).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model.parameters())
@@ -367,7 +227,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - missing, truncated, or not a torch file at all
-        raise DataError(f"cannot read checkpoint {str(path)!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise DataError(f"cannot read checkpoint {str(path)!r}: {first_line(exc)}") from None
     if not isinstance(state, dict):
         raise DataError(f"{str(path)!r} is not a training checkpoint")
     return state

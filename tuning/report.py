@@ -8,8 +8,9 @@ from typing import Sequence
 
 import numpy as np
 
+from fer_model import metrics as M
 from fer_model.evaluate import plot_learning_curves, pyplot
-from tuning.runner import TrialRow
+from tuning.outcomes import TrialRow
 
 # The study's 10-epoch grid, measured on its test set (it had no validation split).
 STUDY_GRID_TEST_ACC = {
@@ -29,10 +30,9 @@ def write_table(rows: Sequence[TrialRow], path: Path) -> Path:
     keys = sorted({k for r in rows for k in r.config})
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["trial_id", "run_id", "outcome", "epochs", "val_acc", "best_val_acc", *keys])
+        w.writerow(["trial_id", "run_id", "outcome", "epochs", M.VAL_ACC, M.BEST_VAL_ACC, *keys])
         for r in rows:
-            best = max((h["val_acc"] for h in r.history), default=float("nan"))
-            w.writerow([r.trial_id, r.run_id or "", r.outcome, r.epochs, f"{r.val_acc:.4f}", f"{best:.4f}",
+            w.writerow([r.trial_id, r.run_id or "", r.outcome, r.epochs, f"{r.val_acc:.4f}", f"{r.best_val_acc:.4f}",
                         *[r.config.get(k, "") for k in keys]])
     return path
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from fer_model.errors import ConfigError
 from fer_model.presets import STUDY_PROTOCOL
-from fer_model.training import TrainConfig
+from fer_model.config import TrainConfig, flat_keys
 
 # The study's grid: dropout x learning rate, everything else as in the study, 10 epochs a trial.
 STUDY_GRID: dict[str, list[Any]] = {"dropout": [0.3, 0.5, 0.7], "lr": [1e-3, 1e-2, 1e-4]}
@@ -27,7 +27,7 @@ DEFAULT_SEARCH_SPACE: dict[str, Any] = {
     "dropout": {"uniform": [0.2, 0.7]},
     "weight_decay": {"loguniform": [1e-6, 1e-3]},
 }
-SEARCH_FIXED: dict[str, Any] = {**STUDY_PROTOCOL, "arch": "cnn", "epochs": 15}
+SEARCH_FIXED: dict[str, Any] = {**STUDY_PROTOCOL, "arch": "cnn"}  # epochs: --epochs
 
 _KINDS = ("choice", "uniform", "loguniform", "randint")
 _CHOICE_ONLY = {"conv3_channels", "hidden"}  # a few allowed widths, not a range
@@ -73,7 +73,7 @@ def validate_space(space: Any) -> dict[str, Any]:
     """Check every key is a TrainConfig field and every range is possible; returns the space."""
     if not isinstance(space, Mapping) or not space:
         raise ConfigError("a space must be a non-empty mapping of TrainConfig fields to distributions")
-    fields = set(TrainConfig.__dataclass_fields__) - {"epochs"}
+    fields = set(flat_keys()) - {"epochs"}
     for key, spec in space.items():
         if key == "epochs":
             raise ConfigError("epochs is not searched: set it with --epochs (ASHA's horizon follows it)")
@@ -106,8 +106,14 @@ def validate_space(space: Any) -> dict[str, Any]:
 
 
 def _is_int_field(key: str) -> bool:
-    default = TrainConfig.__dataclass_fields__[key].default
+    default = {**TrainConfig().to_dict(), **_all_option_defaults()}[key]
     return isinstance(default, int) and not isinstance(default, bool)
+
+
+def _all_option_defaults() -> dict[str, Any]:
+    from fer_model.config import model_option_names, option
+
+    return {name: option(name).default for name in model_option_names()}
 
 
 def _check_value(key: str, value: Any) -> None:

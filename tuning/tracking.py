@@ -1,4 +1,4 @@
-"""MLflow: stage (parent) runs, one child run per Tune trial id, artifacts, and the registry.
+"""MLflow: experiments, stage runs whose status the driver owns, one child run per Tune trial id, artifacts.
 
 Everything goes through an explicit `MlflowClient(tracking_uri)` and run ids, never the fluent
 "active run" state, so a trial on another machine logs to the same store by URI alone.
@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,36 +19,40 @@ from typing import Any, Iterable, Iterator, Mapping
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from fer_model import metrics as M
+from fer_model.errors import UserError
 from tuning import names as N
+from tuning.flags import sqlite_path
 
 log = logging.getLogger(__name__)
 _BATCH = 900  # log_batch accepts at most 1,000 metrics per call
+HEARTBEAT_SECONDS = 30.0
 
 
 def client_for(uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri)
+    """A client for `uri`, its registry included (else MLflow would use the process-wide registry URI)."""
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     """The id of experiment `name`, created if needed (local stores keep artifacts beside the db)."""
+    db = sqlite_path(client.tracking_uri)
+    if db is not None:
+        _sqlite_wal(db)
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
+    if exp is None:
+        location = (db.parent / "mlartifacts").as_uri() if db else None
+        try:
+            experiment_id = client.create_experiment(name, artifact_location=location)
+        except Exception:  # noqa: BLE001 - created concurrently by another driver
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            experiment_id = exp.experiment_id
+    else:
+        experiment_id = exp.experiment_id
         if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    uri = client.tracking_uri
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-        _sqlite_wal(Path(uri[len("sqlite:///"):]))
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # noqa: BLE001 - created concurrently by another driver
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+            client.restore_experiment(experiment_id)
+    return experiment_id
 
 
 def _sqlite_wal(db: Path) -> None:
@@ -59,9 +66,9 @@ def _sqlite_wal(db: Path) -> None:
         con.execute("PRAGMA journal_mode=WAL")
 
 
-def start_run(client: MlflowClient, experiment_id: str, name: str, tags: Mapping[str, str],
-              params: Mapping[str, Any] | None = None) -> str:
-    run = client.create_run(experiment_id, run_name=name, tags=dict(tags))
+def create_run(client: MlflowClient, experiment_id: str, name: str, tags: Mapping[str, Any],
+               params: Mapping[str, Any] | None = None) -> str:
+    run = client.create_run(experiment_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
     if params:
         log_params(client, run.info.run_id, params)
     return run.info.run_id
@@ -84,71 +91,94 @@ def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def log_files(client: MlflowClient, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
+    for p in paths:
+        client.log_artifact(run_id, str(p), artifact_path)
+
+
+def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
+    """The trial runs of a stage run, by Tune trial id (one query)."""
+    query = f"tags.`{N.TAG_PARENT}` = '{parent_run_id}' and tags.`{N.TAG_STAGE}` = '{N.STAGE_TRIAL}'"
+    runs = client.search_runs([experiment_id], query, max_results=5000)
+    return {r.data.tags[N.TAG_TRIAL_ID]: r for r in runs if N.TAG_TRIAL_ID in r.data.tags}
+
+
 def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str):
-    query = (f"tags.`{N.TAG_PARENT}` = '{parent_run_id}' and tags.`{N.TAG_TRIAL_ID}` = '{trial_id}'")
+    query = f"tags.`{N.TAG_PARENT}` = '{parent_run_id}' and tags.`{N.TAG_TRIAL_ID}` = '{trial_id}'"
     runs = client.search_runs([experiment_id], query, max_results=2)
     return runs[0] if runs else None
 
 
-class TrialTracker:
-    """The MLflow child run of one Tune trial: opened (or reopened on resume) by the trial itself."""
+def latest_stage_run(client: MlflowClient, experiment_id: str, stage: str, extra: str = "", statuses=()):
+    """The newest run of `stage` (with an extra filter, in one of `statuses`), or None."""
+    query = f"tags.`{N.TAG_STAGE}` = '{stage}'" + (f" and {extra}" if extra else "")
+    for run in client.search_runs([experiment_id], query, max_results=50, order_by=["attributes.start_time DESC"]):
+        if not statuses or run.info.status in statuses:
+            return run
+    return None
 
-    def __init__(self, client: MlflowClient, run_id: str, last_step: int):
-        self.client, self.run_id, self.last_step = client, run_id, last_step
 
-    @classmethod
-    def open(cls, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str,
-             params: Mapping[str, Any], run_id: str | None = None) -> "TrialTracker":
-        """Continue this trial's run when it has one (a retry or resume), else create it.
+# --------------------------------------------------------------------------- runs the driver owns
 
-        Looking the run up by trial id, not only trusting the checkpoint, means a trial that
-        failed before its first checkpoint still gets exactly one run.
-        """
-        client = client_for(uri)
-        run = client.get_run(run_id) if run_id else find_trial_run(client, experiment_id, parent_run_id, trial_id)
-        if run is None:
-            tags = {N.TAG_PARENT: parent_run_id, N.TAG_STAGE: N.STAGE_TRIAL, N.TAG_TRIAL_ID: trial_id}
-            new_id = start_run(client, experiment_id, trial_name, tags, params)
-            return cls(client, new_id, 0)
-        if run.info.status != "RUNNING":
-            client.update_run(run.info.run_id, status="RUNNING")
-        for tag in (N.TAG_OUTCOME, N.TAG_STOPPED_EARLY):  # the earlier attempt's verdict no longer holds
-            if tag in run.data.tags:
-                client.delete_tag(run.info.run_id, tag)
-        history = client.get_metric_history(run.info.run_id, M.VAL_ACC)
-        return cls(client, run.info.run_id, max((m.step for m in history), default=0))
 
-    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        # A retried epoch that was already logged (crash after logging, before the checkpoint)
-        # gives the same numbers on the same device: skip it rather than log the step twice.
-        if epoch <= self.last_step:
-            return
-        # A busy sqlite file or a server blip must not cost the trial its training: retry, then
-        # warn and go on (the epoch is still reported to Tune and kept in its results).
-        for attempt in range(4):
+def driver_tags() -> dict[str, str]:
+    """Who runs this stage: host, pid and the process's start time (a reused pid has another)."""
+    return {N.TAG_DRIVER_HOST: socket.gethostname(), N.TAG_DRIVER_PID: str(os.getpid()),
+            N.TAG_DRIVER_STARTED: f"{process_start_time(os.getpid()):.0f}", N.TAG_HEARTBEAT: f"{time.time():.0f}"}
+
+
+def process_start_time(pid: int) -> float:
+    """A process's start time in epoch seconds (0 when it does not exist)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0.0
+
+
+class _Heartbeat(threading.Thread):
+    """Refreshes a run's heartbeat tag while the driver lives, so a dead driver's runs can be told apart."""
+
+    def __init__(self, client: MlflowClient, run_id: str, every: float):
+        super().__init__(name=f"heartbeat-{run_id[:8]}", daemon=True)
+        self.client, self.run_id, self.every = client, run_id, every
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
             try:
-                log_metrics(self.client, self.run_id, metrics, step=epoch)
-                self.last_step = epoch
-                return
-            except Exception as exc:  # noqa: BLE001 - MlflowException, database locked, connection reset
-                if attempt == 3:
-                    log.warning("MLflow: epoch %d of run %s not logged: %s", epoch, self.run_id, exc)
-                    return
-                time.sleep(0.5 * 2 ** attempt)
-
-    def finish(self, history: list[dict[str, float]], outcome: str) -> None:
-        summary = {N.EPOCHS_COMPLETED: len(history)}
-        if history:
-            summary[N.FINAL_VAL_ACC] = history[-1][M.VAL_ACC]
-            summary[N.BEST_VAL_ACC] = max(h[M.VAL_ACC] for h in history)
-        log_metrics(self.client, self.run_id, summary, step=len(history))
-        set_tags(self.client, self.run_id, {N.TAG_OUTCOME: outcome, N.TAG_STOPPED_EARLY: "false"})
-        self.client.set_terminated(self.run_id, "FINISHED")
+                self.client.set_tag(self.run_id, N.TAG_HEARTBEAT, f"{time.time():.0f}")
+            except Exception as exc:  # noqa: BLE001 - a server blip must not end the stage
+                log.debug("heartbeat of %s not written: %s", self.run_id, exc)
 
 
-def log_files(client: MlflowClient, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
-    for p in paths:
-        client.log_artifact(run_id, str(p), artifact_path)
+@contextmanager
+def tracked_run(client: MlflowClient, run_id: str, heartbeat: float | None = HEARTBEAT_SECONDS) -> Iterator[str]:
+    """The one place a stage or final run's status is set: RUNNING inside (with this driver's tags and
+    a heartbeat), then FINISHED on success, KILLED on Ctrl-C, FAILED on an error."""
+    set_tags(client, run_id, driver_tags())
+    client.update_run(run_id, status="RUNNING")
+    beat = _Heartbeat(client, run_id, heartbeat) if heartbeat else None
+    if beat:
+        beat.start()
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if beat:
+            beat.stopped.set()
+        try:
+            client.set_terminated(run_id, status)
+        except Exception as exc:  # noqa: BLE001 - the store may be what failed; the next command settles it
+            log.warning("run %s could not be marked %s: %s", run_id, status, exc)
+
+
+# --------------------------------------------------------------------------- a stage's best configuration
 
 
 def record_best(client: MlflowClient, parent_run_id: str, config: Mapping[str, Any], trial_run_id: str | None) -> None:
@@ -159,29 +189,7 @@ def record_best(client: MlflowClient, parent_run_id: str, config: Mapping[str, A
 
 
 def read_best_config(client: MlflowClient, run_id: str) -> dict[str, Any]:
-    from fer_model.errors import UserError
-
-    run = client.get_run(run_id)
-    raw = run.data.tags.get(N.TAG_BEST_CONFIG)
+    raw = client.get_run(run_id).data.tags.get(N.TAG_BEST_CONFIG)
     if not raw:
         raise UserError(f"run {run_id} has no {N.TAG_BEST_CONFIG} tag: it is not a finished grid or search run")
     return json.loads(raw)
-
-
-@contextmanager
-def stage_run(client: MlflowClient, experiment_id: str, name: str, tags: Mapping[str, str],
-              params: Mapping[str, Any] | None = None, run_id: str | None = None) -> Iterator[str]:
-    """A stage's parent run: created (or reopened, given `run_id`), closed FINISHED, FAILED or KILLED."""
-    if run_id is None:
-        run_id = start_run(client, experiment_id, name, tags, params)
-    else:
-        client.update_run(run_id, status="RUNNING")
-    try:
-        yield run_id
-    except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED")
-        raise
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")

@@ -1,8 +1,9 @@
-"""The one trainable: shared data in, `fit()` with a callback, `tune.report` + MLflow out."""
+"""The one trainable: shared data in, `fit()` with a callback, `tune.report` + the trial's MLflow run out."""
 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,14 +13,20 @@ import ray
 import torch
 from ray import tune
 
+from fer_model import metrics as M
+from fer_model.config import TrainConfig
 from fer_model.data import FerData
-from fer_model.training import STATUS_DIVERGED, EpochResult, TrainConfig, fit, load_checkpoint, save_checkpoint
+from fer_model.training import EpochResult, fit, load_checkpoint, save_checkpoint
 from tuning import names as N
-from tuning.tracking import TrialTracker
+from tuning.trial_tracker import TrialTracker
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 EPOCH = "epoch"  # reported beside the metrics; ASHA's time attribute
+RUN_ID = "mlflow_run_id"  # reported too, so the driver settles the right run
+
+# Where a trial runs, as tags on its run (the node it finished on, after a node loss).
+TAG_NODE_ID, TAG_NODE_IP, TAG_GPU_IDS = "ray_node_id", "ray_node_ip", "gpu_ids"
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,27 @@ class TrialSetup:
     cpus_per_trial: float = 1.0
 
 
-def train_trial(config: dict[str, Any], data: FerData, setup: TrialSetup) -> None:
+def run_name(config: dict[str, Any], keys: list[str]) -> str:
+    """A trial run's name from the values that vary between trials, e.g. ``d0.3 lr1e-3``."""
+    short = {"dropout": "d", "lr": "lr", "batch_size": "bs", "optimizer": "", "weight_decay": "wd",
+             "arch": "", "label_smoothing": "ls", "schedule": ""}
+    parts = []
+    for key in keys:
+        value = config.get(key)
+        text = f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e") if isinstance(value, float) and key in ("lr", "weight_decay") \
+            else f"{value:.3g}" if isinstance(value, float) else str(value)
+        parts.append(f"{short.get(key, key + '=')}{text}")
+    return " ".join(parts) or "trial"
+
+
+def where() -> dict[str, str]:
+    """This process's Ray node and the GPUs Ray gave it."""
+    ctx = ray.get_runtime_context()
+    return {TAG_NODE_ID: ctx.get_node_id(), TAG_NODE_IP: ray.util.get_node_ip_address(),
+            TAG_GPU_IDS: ",".join(map(str, ray.get_gpu_ids())) or "none"}
+
+
+def train_trial(config: dict[str, Any], data: FerData, setup: TrialSetup, name_keys: tuple[str, ...] = ()) -> None:
     """Train one Tune trial. `data` arrives once through the object store (tune.with_parameters)."""
     cfg = TrainConfig.from_dict(config)  # the one conversion from Tune's dict; unknown keys fail
     torch.set_num_threads(max(1, int(setup.cpus_per_trial)))
@@ -46,20 +73,25 @@ def train_trial(config: dict[str, Any], data: FerData, setup: TrialSetup) -> Non
     if checkpoint is not None:  # a retry after a failure, or a restored experiment
         with checkpoint.as_directory() as d:
             resume = load_checkpoint(Path(d) / STATE_FILE)
-            run_id = json.loads((Path(d) / META_FILE).read_text()).get("mlflow_run_id")
+            run_id = json.loads((Path(d) / META_FILE).read_text()).get(RUN_ID)
 
-    tracker = TrialTracker.open(setup.tracking_uri, setup.experiment_id, setup.parent_run_id,
-                                ctx.get_trial_id(), ctx.get_trial_name(), cfg.to_dict(), run_id)
+    tracker = TrialTracker.open(setup.tracking_uri, setup.experiment_id, setup.parent_run_id, ctx.get_trial_id(),
+                                run_name(cfg.to_dict(), list(name_keys)), cfg.to_dict(), where(), run_id)
+    best = M.best_val_acc(resume["history"]) if resume else float("nan")
 
     def on_epoch(r: EpochResult) -> None:
-        tracker.log_epoch(r.epoch, r.metrics)
+        nonlocal best
+        val = r.metrics[M.VAL_ACC]
+        best = val if not math.isfinite(best) or val > best else best
+        tracker.log_epoch(r.epoch, {**r.metrics, M.BEST_VAL_ACC: best})
         with tempfile.TemporaryDirectory() as d:
-            save_checkpoint(r.checkpoint(), Path(d) / STATE_FILE)
-            (Path(d) / META_FILE).write_text(json.dumps({"mlflow_run_id": tracker.run_id, "epoch": r.epoch}))
+            save_checkpoint(r.state(), Path(d) / STATE_FILE)
+            (Path(d) / META_FILE).write_text(json.dumps({RUN_ID: tracker.run_id, EPOCH: r.epoch}))
             # Persisted by Ray before report returns, so the temporary folder can go.
-            tune.report({**r.metrics, EPOCH: r.epoch}, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report({**r.metrics, M.BEST_VAL_ACC: best, EPOCH: r.epoch, RUN_ID: tracker.run_id},
+                        checkpoint=tune.Checkpoint.from_directory(d))
 
-    result = fit(cfg, data, on_epoch=on_epoch, device=device, resume=resume)
-    # A trial ASHA stops never gets here: the driver records those (see runner.reconcile).
-    outcome = N.OUTCOME_DIVERGED if result.status == STATUS_DIVERGED else N.OUTCOME_COMPLETED
-    tracker.finish(result.history, outcome)
+    try:
+        fit(cfg, data, on_epoch=on_epoch, device=device, resume=resume)
+    finally:
+        tracker.close()  # also when ASHA stops the trial (Tune ends it inside tune.report)

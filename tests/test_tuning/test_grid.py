@@ -11,6 +11,7 @@ from helpers import artifact_names, run_main
 from mlflow.tracking import MlflowClient
 
 from fer_model import metrics as M
+from fer_model.config import CLASS_NAMES
 from tuning import final, grid
 from tuning import names as N
 
@@ -38,11 +39,11 @@ def check_pipeline(client: MlflowClient, expected_trials: set[tuple[float, float
     for t in trials:
         assert t.data.tags[N.TAG_PARENT] == parent.info.run_id
         assert t.data.tags[N.TAG_TRIAL_ID] and t.info.status == "FINISHED"
-        assert t.data.tags[N.TAG_OUTCOME] == N.OUTCOME_COMPLETED and t.data.tags[N.TAG_STOPPED_EARLY] == "false"
+        assert t.data.tags[N.TAG_OUTCOME] == N.OUTCOME_COMPLETED
         assert t.data.params["batch_size"] == "64" and t.data.params["optimizer"] == "adam"
         for name in (M.TRAIN_LOSS, M.TRAIN_ACC, M.VAL_LOSS, M.VAL_ACC, M.EPOCH_SECONDS):
             assert [m.step for m in client.get_metric_history(t.info.run_id, name)] == list(range(1, epochs + 1))
-        assert t.data.metrics[N.FINAL_VAL_ACC] == t.data.metrics[M.VAL_ACC]
+        assert t.data.metrics[M.FINAL_VAL_ACC] == t.data.metrics[M.VAL_ACC]
     assert len({t.data.tags[N.TAG_TRIAL_ID] for t in trials}) == len(trials)
     assert artifact_names(client, parent.info.run_id) >= {"grid_results.csv", "val_acc_heatmap.png", "learning_curves.png"}
     assert parent.data.params["best.dropout"] and parent.data.tags[N.TAG_BEST_CONFIG]
@@ -61,24 +62,29 @@ def check_pipeline(client: MlflowClient, expected_trials: set[tuple[float, float
     v = versions[0]
     assert v.run_id == fin.info.run_id
     assert float(v.tags[M.TEST_ACC]) == pytest.approx(fin.data.metrics[M.TEST_ACC], abs=1e-4)
-    assert v.tags["parent_run_id"] == parent.info.run_id and v.tags[N.TAG_BEST_TRIAL_RUN] == best_run
+    assert v.tags[N.TAG_PARENT_RUN] == parent.info.run_id and v.tags[N.TAG_BEST_TRIAL_RUN] == best_run
     return {"parent": parent, "final": fin, "version": v}
 
 
 def test_grid_end_to_end_on_sqlite(ray_session, workdir, tiny_folder, capsys):
-    assert run_main(grid.main, ["--data", tiny_folder, *FAST]) == 0
+    assert run_main(grid.main, ["--data", tiny_folder, *FAST, "--promote"]) == 0
     out = capsys.readouterr().out
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     got = check_pipeline(client, {(d, lr) for d in (0.3, 0.5, 0.7) for lr in (1e-3, 1e-2, 1e-4)})
     assert "dropout | lr 0.001" in out and "(57.30%)" in out  # the study's table, beside ours
     assert f"registered: {N.DEFAULT_MODEL_NAME} version 1" in out and "mlflow ui --backend-store-uri sqlite:///" in out
 
-    # The registered model loads and predicts the 7 classes.
-    import mlflow.pytorch
-    import torch
+    # The registered model takes image bytes and gives emotions; --promote made it the champion.
+    import mlflow.pyfunc
+    import pandas as pd
 
-    mlflow_model = mlflow.pytorch.load_model(f"models:/{N.DEFAULT_MODEL_NAME}/1")
-    assert mlflow_model(torch.rand(3, 1, 48, 48)).shape == (3, 7)
+    assert "promotion: version 1 test_acc" in out and "(the first champion)" in out
+    assert str(client.get_model_version_by_alias(N.DEFAULT_MODEL_NAME, "champion").version) == "1"
+    mlflow.set_tracking_uri(client.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{N.DEFAULT_MODEL_NAME}@champion")
+    png = next((tiny_folder / "test").rglob("*.png")).read_bytes()
+    predicted = model.predict(pd.DataFrame({"image": [png, png]}))
+    assert predicted["emotion"].tolist()[0] in CLASS_NAMES and predicted.shape == (2, 9)
 
     # `tuning.final` on the finished grid adds a new final run and version; earlier runs stay as they were.
     before = {r.info.run_id: (r.info.status, r.data.metrics) for r in runs_of(client)}
@@ -111,7 +117,10 @@ def test_grid_against_a_real_mlflow_server(ray_session, workdir, tiny_folder, ml
     (["--device", "tpu"], "--device 'tpu'"),
     (["--tracking-uri", "mlruns"], "cannot be used"),
     (["--data-seed", "-1"], "data seed must be >= 0"),
-    (["--search-trials", "3", "--resume"], "the grid has no --resume"),
+    (["--search-trials", "3", "--resume"], "unrecognized arguments: --resume"),
+    (["--search-epochs", "3"], "--search-epochs only apply with --search-trials"),
+    (["--grace-period", "1"], "--grace-period only apply with --scheduler asha"),
+    (["--search-trials", "0"], "--search-trials must be >= 1"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(workdir, capsys, argv, message):
     assert run_main(grid.main, argv) == 2

@@ -13,9 +13,11 @@ import pytest
 from helpers import artifact_names, run_main
 from mlflow.tracking import MlflowClient
 
+from fer_model import metrics as M
 from tuning import grid, search
 from tuning import names as N
 from tuning.spaces import DEFAULT_SEARCH_SPACE
+from tuning.stages.search import starting_point
 
 
 def _children(client, parent_id):
@@ -34,7 +36,7 @@ def test_search_seeded_by_the_grid_with_asha(ray_session, workdir, tiny_folder):
     assert run_main(grid.main, ["--data", tiny_folder, "--dropouts", "0.5", "--lrs", "2e-3", "--epochs", 1,
                                 "--batch-size", 64, "--no-final"]) == 0
     argv = ["--data", tiny_folder, "--trials", 5, "--epochs", 3, "--grace-period", 1, "--reduction-factor", 2,
-            "--study-name", "s1", "--final-epochs", 1]
+            "--study-name", "s1", "--final-epochs", 1, "--start-from", "latest-grid"]
     assert run_main(search.main, argv) == 0
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
@@ -52,9 +54,9 @@ def test_search_seeded_by_the_grid_with_asha(ray_session, workdir, tiny_folder):
 
     children = _children(client, parent.info.run_id)
     assert len(children) == 5
-    stopped = [c for c in children if c.data.tags[N.TAG_STOPPED_EARLY] == "true"]
+    stopped = [c for c in children if c.data.tags[N.TAG_OUTCOME] == N.OUTCOME_STOPPED_EARLY]
     for c in children:
-        epochs = len(client.get_metric_history(c.info.run_id, "val_acc"))
+        epochs = len(client.get_metric_history(c.info.run_id, M.VAL_ACC))
         assert c.info.status == "FINISHED"
         assert (c.data.tags[N.TAG_OUTCOME] == N.OUTCOME_STOPPED_EARLY) == (epochs < 3)
     assert stopped, "ASHA with reduction factor 2 stops some of 5 trials"
@@ -122,7 +124,7 @@ def test_bad_space_file_gives_one_line_and_exit_2(workdir, capsys, text, message
 
 
 def test_starting_point_is_moved_inside_the_space():
-    point = search.starting_point({"dropout": 0.3, "lr": 1e-3, "batch_size": 32, "optimizer": "adam",
+    point = starting_point({"dropout": 0.3, "lr": 1e-3, "batch_size": 32, "optimizer": "adam",
                                    "weight_decay": 0.0, "epochs": 10}, DEFAULT_SEARCH_SPACE)
     assert point == {"dropout": 0.3, "lr": 1e-3, "batch_size": 32, "optimizer": "adam", "weight_decay": 1e-6}
 

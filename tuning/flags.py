@@ -1,0 +1,391 @@
+"""Every flag the tuning commands share, in one place, and their validation (all before Ray starts).
+
+One convention: a flag's argparse default is None, meaning "not given"; defaults are filled in
+here (or by a preset, which only fills what the user left unset). Each concern becomes its own
+typed, validated object: `DataConfig`, `TrackingOptions`, `ClusterOptions`, `FinalOptions`,
+`SchedulerSettings`. Nothing heavy is imported at module level: --help answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from fer_model.config import DataConfig
+from fer_model.errors import ConfigError, DataError, UserError, first_line
+from tuning.names import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
+
+DEFAULT_FINAL_EPOCHS = 15  # the study's retrain of its grid winner
+SQLITE = "sqlite:///"
+
+
+class TrackingError(UserError):
+    """The MLflow tracking store cannot be used."""
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+# --------------------------------------------------------------------------- data
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="FER2013 folder, .zip, .tar.gz or .csv (else $FER2013_DATA, ./data/fer2013, kagglehub)")
+    g.add_argument("--max-samples", type=int, help="use a stratified subset of this many Training images (test cut alike)")
+    g.add_argument("--val-fraction", type=float, help="stratified share of Training for validation (default 0.1)")
+    g.add_argument("--data-seed", type=int, help="seed of the validation split and subsets (default 0)")
+    g.add_argument("--cache-dir", help="decoded-data cache (default $FER2013_CACHE or ~/.cache/fer2013)")
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    if args.data and not Path(args.data).expanduser().exists():
+        raise DataError(f"--data {args.data!r} does not exist")
+    return DataConfig(args.data, _or(args.val_fraction, 0.1), args.max_samples, _or(args.data_seed, 0), args.cache_dir)
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+@dataclass(frozen=True)
+class TrackingOptions:
+    """Where runs and models go."""
+
+    uri: str
+    experiment: str = DEFAULT_EXPERIMENT
+    model_name: str = DEFAULT_MODEL_NAME
+
+
+def add_tracking_flags(p: argparse.ArgumentParser, model_name: bool = True) -> None:
+    g = p.add_argument_group("tracking")
+    g.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    g.add_argument("--experiment", help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})")
+    if model_name:
+        g.add_argument("--model-name", help=f"registered model name (default {DEFAULT_MODEL_NAME})")
+
+
+def tracking_options(args: argparse.Namespace) -> TrackingOptions:
+    experiment = _or(args.experiment, DEFAULT_EXPERIMENT)
+    if not experiment.strip():
+        raise ConfigError("--experiment must not be empty")
+    model_name = _or(getattr(args, "model_name", None), DEFAULT_MODEL_NAME)
+    if not model_name.strip():
+        raise ConfigError("--model-name must not be empty")
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking(uri)
+    return TrackingOptions(uri, experiment, model_name)
+
+
+def resolve_tracking_uri(flag: str | None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+
+    Local stores become absolute: Ray runs trials in other working directories.
+    """
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or SQLITE + "mlflow.db"
+    db = sqlite_path(uri)
+    if db is not None:
+        uri = SQLITE + str(db.resolve())
+    elif "://" not in uri and not uri.startswith("file:"):  # a bare folder: MLflow's file store
+        uri = Path(uri).resolve().as_uri()
+    return uri
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """An http(s) server must answer /health, a sqlite file's folder must exist, any other store must open."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                if r.status != 200:
+                    raise TrackingError(f"MLflow tracking server {uri} answered HTTP {r.status} to /health")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)})") from None
+        return
+    db = sqlite_path(uri)
+    if db is not None:  # creating the file is all it takes: no side effect before Ray starts
+        parent = db.parent
+        if not parent.is_dir():
+            raise TrackingError(f"tracking URI {uri}: folder {parent} does not exist")
+        return
+    # Any other store is opened for real: a database server may be down, and MLflow 3 refuses
+    # its file store only when a client opens it.
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - whatever the store raises, the URI is unusable
+        raise TrackingError(f"tracking URI {uri} cannot be used: {first_line(exc)}") from None
+
+
+# --------------------------------------------------------------------------- cluster and resources
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Which Ray, what each trial gets, where Tune keeps its state."""
+
+    address: str | None = None
+    storage: str = ""
+    storage_shared: bool = False
+    gpus_per_trial: float | None = None  # None: a share where the cluster has GPUs
+    cpus_per_trial: float = 1.0
+    max_concurrent: int | None = None
+
+
+def add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("resources and cluster")
+    g.add_argument("--gpus-per-trial", type=float, help="GPU share per trial (default 0.25 where GPUs exist, else 0)")
+    g.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
+    g.add_argument("--max-concurrent", type=int, help="at most this many trials at once (default: as resources allow)")
+    g.add_argument("--address", help="join this Ray cluster (default $RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--storage", help="where Tune keeps trial results and checkpoints (default ./ray_results; shared path or URI on a cluster)")
+    g.add_argument("--storage-shared", action="store_true", default=None,
+                   help="--storage is a folder every node mounts (NFS), not a local one")
+
+
+def cluster_options(args: argparse.Namespace) -> ClusterOptions:
+    if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
+        raise ConfigError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+    cpus = _or(args.cpus_per_trial, 1.0)
+    if cpus <= 0:
+        raise ConfigError(f"--cpus-per-trial must be > 0, got {cpus}")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    storage = args.storage or str(Path("ray_results").resolve())
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    return ClusterOptions(args.address or os.environ.get("RAY_ADDRESS") or None, storage, bool(args.storage_shared),
+                          args.gpus_per_trial, cpus, args.max_concurrent)
+
+
+# --------------------------------------------------------------------------- the final stage
+
+
+@dataclass(frozen=True)
+class FinalOptions:
+    """The retrain of the best configuration (and its registration)."""
+
+    enabled: bool = True
+    epochs: int = DEFAULT_FINAL_EPOCHS
+    device: str | None = None
+    promote: bool = False  # then the guarded promotion of the new version to `champion`
+
+
+def add_final_flags(p: argparse.ArgumentParser, optional: bool = True) -> None:
+    g = p.add_argument_group("final stage")
+    g.add_argument("--final-epochs", type=int, help=f"epochs of the final retrain (default {DEFAULT_FINAL_EPOCHS})")
+    if optional:
+        g.add_argument("--no-final", action="store_true", default=None, help="stop after the trials: no retrain, no registration")
+    g.add_argument("--device", help="device of the final retrain (default cuda if available)")
+    g.add_argument("--promote", action="store_true", default=None,
+                   help="then promote the new version to champion if it beats the champion (as python -m tuning.promote)")
+
+
+def final_options(args: argparse.Namespace) -> FinalOptions:
+    epochs = _or(args.final_epochs, DEFAULT_FINAL_EPOCHS)
+    if epochs < 1:
+        raise ConfigError(f"--final-epochs must be >= 1, got {epochs}")
+    from fer_model.device import resolve_device  # torch: only once the flags parsed
+
+    resolve_device(args.device)  # the final stage runs there: refuse a device this machine lacks now
+    enabled = not getattr(args, "no_final", None)
+    if args.promote and not enabled:
+        raise ConfigError("--promote needs the final stage: drop --no-final")
+    return FinalOptions(enabled, epochs, args.device, bool(args.promote))
+
+
+# --------------------------------------------------------------------------- early stopping
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """Early stopping of poor trials: ASHA on validation accuracy per epoch, or none."""
+
+    kind: str = "none"  # "asha" or "none"
+    grace_period: int = 2
+    reduction_factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.grace_period < 1 or self.reduction_factor <= 1:
+            raise ConfigError("the grace period must be >= 1 and the reduction factor > 1")
+
+    def make(self, max_epochs: int):
+        """Tune's scheduler (None: every trial runs to the end)."""
+        if self.kind != "asha":
+            return None
+        from ray.tune.schedulers import ASHAScheduler
+
+        from tuning.trainable import EPOCH
+
+        return ASHAScheduler(time_attr=EPOCH, max_t=max_epochs, grace_period=min(self.grace_period, max_epochs),
+                             reduction_factor=self.reduction_factor)
+
+
+def add_scheduler_flags(group: argparse._ArgumentGroup, flag_prefix: str, dest_prefix: str, default: str, what: str) -> None:
+    """--[prefix]scheduler, --[prefix]grace-period, --[prefix]reduction-factor for one stage's trials."""
+    group.add_argument(f"--{flag_prefix}scheduler", dest=f"{dest_prefix}scheduler", choices=["asha", "none"],
+                       help=f"asha: stop poor {what} trials early on validation accuracy; none: run all to the end (default {default})")
+    group.add_argument(f"--{flag_prefix}grace-period", dest=f"{dest_prefix}grace_period", type=int,
+                       help=f"ASHA: epochs before a {what} trial can be stopped (default 2)")
+    group.add_argument(f"--{flag_prefix}reduction-factor", dest=f"{dest_prefix}reduction_factor", type=float,
+                       help=f"ASHA: keep 1/this of {what} trials at each rung (default 3)")
+
+
+def scheduler_settings(args: argparse.Namespace, dest_prefix: str, default: str, flag_prefix: str = "") -> SchedulerSettings:
+    value = lambda name, fallback: _or(getattr(args, dest_prefix + name), fallback)
+    if value("scheduler", default) != "asha":
+        flag = "--" + flag_prefix
+        unused = [f"{flag}{n}" for n in ("grace-period", "reduction-factor") if getattr(args, dest_prefix + n.replace("-", "_")) is not None]
+        if unused:
+            raise ConfigError(f"{', '.join(unused)} only apply with {flag}scheduler asha")
+    return SchedulerSettings(value("scheduler", default), value("grace_period", 2), value("reduction_factor", 3.0))
+
+
+# --------------------------------------------------------------------------- the search
+
+DEFAULT_TRIALS = 30
+DEFAULT_SEARCH_EPOCHS = 15
+STUDY_PREFIX = "fer2013-search"
+LATEST_GRID = "latest-grid"
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """A search: how many trials of how many epochs over which space, its Optuna study, its start."""
+
+    trials: int
+    epochs: int
+    space: dict[str, Any]
+    scheduler: SchedulerSettings
+    storage_url: str
+    study_name: str | None  # None: a new timestamped name, or (with resume) the latest search's
+    resume: bool = False
+    time_budget: float | None = None
+    sampler_seed: int = 0  # TPE's
+    train_seed: int = 0
+    start_from: str | None = None  # a grid or search run id, or LATEST_GRID: its best config is trial 1
+
+
+def add_search_flags(p: argparse.ArgumentParser, in_grid: bool = False) -> None:
+    """The search's flags. In `tuning.grid` (a grid -> search chain) the flags the grid also has
+    get a ``--search-`` prefix; the chain's search starts from the grid's best, and cannot resume."""
+    g = p.add_argument_group("search" if not in_grid else "search after the grid (with --search-trials)")
+    pre = "search-" if in_grid else ""
+    if not in_grid:
+        g.add_argument("--trials", dest="search_trials", type=int, help=f"number of trials (default {DEFAULT_TRIALS})")
+    g.add_argument(f"--{pre}epochs", dest="search_epochs", type=int, help=f"epochs per search trial (default {DEFAULT_SEARCH_EPOCHS})")
+    add_scheduler_flags(g, pre, "search_", "asha", "search")
+    g.add_argument("--space", help="YAML or JSON search space replacing the default (see tuning/spaces.py)")
+    g.add_argument("--time-budget", type=float, help="end the search after this many seconds; trials running then are recorded as stopped early")
+    g.add_argument("--optuna-storage", help="Optuna storage URL (default sqlite:///optuna.db beside the MLflow sqlite file)")
+    g.add_argument("--study-name", help=f"Optuna study name (default {STUDY_PREFIX}-<time>; with --resume, the latest search's)")
+    g.add_argument("--search-seed", type=int, help="TPE sampler seed (default 0)")
+    if not in_grid:
+        g.add_argument("--start-from", help=f"a grid or search run id, or {LATEST_GRID}: its best configuration is the first trial")
+        g.add_argument("--resume", action="store_true", default=None, help="continue an interrupted search without repeating finished trials")
+
+
+# What a resumed search keeps from its first start, whatever the flags say.
+FIXED_ON_RESUME = {"search_trials": "--trials", "space": "--space", "search_epochs": "--epochs", "search_scheduler": "--scheduler",
+                   "search_grace_period": "--grace-period", "search_reduction_factor": "--reduction-factor",
+                   "time_budget": "--time-budget", "start_from": "--start-from"}
+
+
+def search_options(args: argparse.Namespace, tracking_uri: str, trials: int | None = None, train_seed: int = 0) -> SearchOptions:
+    """Validate the search flags (the space file included) before anything starts."""
+    from tuning.spaces import DEFAULT_SEARCH_SPACE, load_space, validate_space
+
+    resume = bool(getattr(args, "resume", None))
+    if resume:
+        given = [flag for dest, flag in FIXED_ON_RESUME.items() if getattr(args, dest, None) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} cannot change a resumed search: it keeps what it started with")
+    trials = _or(trials if trials is not None else getattr(args, "search_trials", None), DEFAULT_TRIALS)
+    if trials < 1:
+        raise ConfigError(f"the number of trials must be >= 1, got {trials}")
+    epochs = _or(args.search_epochs, DEFAULT_SEARCH_EPOCHS)
+    if epochs < 1:
+        raise ConfigError(f"search epochs must be >= 1, got {epochs}")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise ConfigError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
+    space = load_space(args.space) if args.space else validate_space(DEFAULT_SEARCH_SPACE)
+    in_grid = not hasattr(args, "start_from")
+    return SearchOptions(trials, epochs, space, scheduler_settings(args, "search_", "asha", "search-" if in_grid else ""),
+                         optuna_storage_url(args.optuna_storage, tracking_uri), args.study_name, resume, args.time_budget,
+                         _or(args.search_seed, 0), train_seed, getattr(args, "start_from", None))
+
+
+def optuna_storage_url(flag: str | None, tracking_uri: str) -> str:
+    """--optuna-storage, else sqlite:///optuna.db beside the MLflow sqlite store (or here)."""
+    if flag:
+        url = flag if "://" in flag else SQLITE + str(Path(flag).resolve())
+    elif sqlite_path(tracking_uri) is not None:
+        url = SQLITE + str(sqlite_path(tracking_uri).parent / "optuna.db")
+    else:
+        url = SQLITE + str(Path("optuna.db").resolve())
+    if sqlite_path(url) is not None:
+        if not sqlite_path(url).parent.is_dir():
+            raise ConfigError(f"--optuna-storage {url}: its folder does not exist")
+        return url
+    try:  # open it now, before Ray starts: a bad URL or a server that is down is one line
+        import optuna
+
+        optuna.storages.RDBStorage(url)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and driver errors alike
+        raise ConfigError(f"--optuna-storage {url} cannot be opened: {first_line(exc)}") from None
+    return url
+
+
+# --------------------------------------------------------------------------- all of them
+
+
+@dataclass(frozen=True)
+class CommonOptions:
+    """The validated shared flags of a tuning command."""
+
+    data: DataConfig
+    tracking: TrackingOptions
+    cluster: ClusterOptions
+    final: FinalOptions
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    """Data, resources and cluster, tracking and final-stage flags."""
+    add_data_flags(p)
+    add_cluster_flags(p)
+    add_tracking_flags(p)
+    add_final_flags(p)
+
+
+def common_options(args: argparse.Namespace) -> CommonOptions:
+    """Validate the shared flags: a bad value or an unreachable server raises a UserError."""
+    data, cluster, final = data_config(args), cluster_options(args), final_options(args)
+    return CommonOptions(data, tracking_options(args), cluster, final)
+
+
+def apply_preset(args: argparse.Namespace, preset: Mapping[str, Any]) -> None:
+    """Fill the flags the user left unset (None) from `preset`: given flags win."""
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def floats(text: str) -> list[float]:
+    """Comma-separated numbers (``--dropouts 0.3,0.5``)."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ConfigError("expected at least one value")
+    return values

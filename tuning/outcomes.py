@@ -1,0 +1,195 @@
+"""How each trial ended, settled once, in the driver; and the trials of a stage as one summary.
+
+`TrialOutcomes` is a Tune callback, as Ray's own MLflow integration closes runs in `log_trial_end`:
+- a trial whose function returned, or that a scheduler (ASHA) stopped: `on_trial_complete`;
+- a trial that failed after its retries: `on_trial_error`;
+- trials still running when the experiment ends: `on_experiment_end`. Tune ends them so for two
+  reasons only: the --time-budget ran out (they are stopped early), or Ctrl-C (they stay
+  unsettled, their runs KILLED, until --resume continues them).
+The outcome is one tag; the summary metrics are written beside it, and the run is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ray.tune import Callback
+from ray.tune.stopper import TimeoutStopper
+
+from fer_model import metrics as M
+from fer_model.errors import first_line
+from tuning import names as N
+from tuning.tracking import client_for, find_trial_run, log_metrics, set_tags, trial_runs
+from tuning.trainable import EPOCH, RUN_ID, TrialSetup
+
+log = logging.getLogger(__name__)
+
+
+def outcome_of(last_result: Mapping[str, Any], epochs: int) -> str:
+    """The outcome of a trial that ended normally, from its last reported result."""
+    if not math.isfinite(float(last_result.get(M.TRAIN_LOSS, 0.0))):
+        return N.OUTCOME_DIVERGED
+    return N.OUTCOME_COMPLETED if int(last_result.get(EPOCH, 0)) >= epochs else N.OUTCOME_STOPPED_EARLY
+
+
+class TrialOutcomes(Callback):
+    """Records every trial's outcome in MLflow when Tune is done with it, and closes its run."""
+
+    def __init__(self, setup: TrialSetup):
+        self.stage = setup
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        result = trial.last_result or {}
+        self._settle(trial, outcome_of(result, int(trial.config.get("epochs", 0))))
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        log.warning("trial %s failed: %s", trial.trial_id, first_line(trial.error_msg or "") if trial.error_msg else "")
+        self._settle(trial, N.OUTCOME_ERROR)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        client = client_for(self.stage.tracking_uri)
+        budget_spent = client.get_run(self.stage.parent_run_id).data.tags.get(N.TAG_STOPPED_BY) == N.STOPPED_BY_BUDGET
+        runs = trial_runs(client, self.stage.experiment_id, self.stage.parent_run_id)
+        for trial in trials:
+            run = runs.get(trial.trial_id)
+            if run is None or run.info.status != "RUNNING":
+                continue  # settled already (now or in an earlier session), or never started
+            if budget_spent:
+                self._settle(trial, N.OUTCOME_STOPPED_EARLY)
+            else:  # Ctrl-C: Tune saved its state; --resume reopens this run
+                client.set_terminated(run.info.run_id, "KILLED")
+
+    def _settle(self, trial, outcome: str) -> None:
+        client = client_for(self.stage.tracking_uri)
+        result = trial.last_result or {}
+        run_id = result.get(RUN_ID)
+        if not run_id:
+            run = find_trial_run(client, self.stage.experiment_id, self.stage.parent_run_id, trial.trial_id)
+            run_id = run.info.run_id if run else None
+        if run_id is None:
+            return  # failed before it could open its run: the summary still lists it
+        summary = {M.EPOCHS_COMPLETED: int(result.get(EPOCH, 0))}
+        if M.VAL_ACC in result:
+            summary[M.FINAL_VAL_ACC] = result[M.VAL_ACC]
+        try:
+            log_metrics(client, run_id, summary, step=summary[M.EPOCHS_COMPLETED])
+            set_tags(client, run_id, {N.TAG_OUTCOME: outcome})
+            client.set_terminated(run_id, "FAILED" if outcome == N.OUTCOME_ERROR else "FINISHED")
+        except Exception as exc:  # noqa: BLE001 - a tracking outage must not end the experiment
+            log.warning("MLflow: outcome of run %s not recorded: %s", run_id, exc)
+
+
+class BudgetStopper(TimeoutStopper):
+    """Tune's time budget, which also marks its stage run when it runs out.
+
+    Tune saves the stopper with the experiment (a resumed search gets what was left); the mark in
+    MLflow is how `TrialOutcomes` tells a spent budget from Ctrl-C, in this session or a resumed one.
+    """
+
+    def __init__(self, seconds: float, tracking_uri: str, parent_run_id: str):
+        super().__init__(seconds)
+        self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
+
+    def stop_all(self) -> bool:
+        if not super().stop_all():
+            return False
+        set_tags(client_for(self.tracking_uri), self.parent_run_id, {N.TAG_STOPPED_BY: N.STOPPED_BY_BUDGET})
+        return True
+
+
+# --------------------------------------------------------------------------- the summary
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial as the stages report it."""
+
+    trial_id: str
+    config: dict[str, Any]
+    outcome: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    run_id: str | None = None
+    run_name: str = ""
+    node_ip: str = ""
+
+    @property
+    def val_acc(self) -> float:
+        """Validation accuracy at the trial's last epoch (what selection uses)."""
+        return M.last_val_acc(self.history)
+
+    @property
+    def best_val_acc(self) -> float:
+        return M.best_val_acc(self.history)
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stage stopped before all its trials finished (Ctrl-C); its state is saved."""
+
+
+def summarize(results, setup: TrialSetup, expected: int | None = None) -> list[TrialRow]:
+    """The stage's trials, from Tune's results and the outcomes in MLflow (the one place rows are built).
+
+    Raises `Interrupted` when a trial has no outcome (Ctrl-C cut it), or when a search created
+    fewer trials than asked without its time budget running out.
+    """
+    from tuning.trainable import TAG_NODE_IP
+
+    client = client_for(setup.tracking_uri)
+    runs = trial_runs(client, setup.experiment_id, setup.parent_run_id)
+    rows, cut = [], 0
+    for result in results:
+        trial_id = str((result.metrics or {}).get("trial_id") or result.path.rstrip("/").split("/")[-1])
+        run = runs.get(trial_id)
+        outcome = run.data.tags.get(N.TAG_OUTCOME) if run else (N.OUTCOME_ERROR if result.error else None)
+        if outcome is None or (run is not None and run.info.status in ("RUNNING", "KILLED")):
+            cut += 1
+            continue
+        rows.append(TrialRow(trial_id, dict(result.config or {}), outcome, _history(result),
+                             run.info.run_id if run else None, run.info.run_name if run else "",
+                             run.data.tags.get(TAG_NODE_IP, "") if run else ""))
+    budget_spent = client.get_run(setup.parent_run_id).data.tags.get(N.TAG_STOPPED_BY) == N.STOPPED_BY_BUDGET
+    missing = 0 if expected is None or budget_spent else max(expected - len(results), 0)
+    if cut or missing:
+        raise Interrupted(f"interrupted with {cut + missing} trial(s) unfinished; the state is saved")
+    return rows
+
+
+def _history(result) -> list[dict[str, float]]:
+    df = result.metrics_dataframe
+    if df is None or df.empty or EPOCH not in df:
+        return []
+    df = df.sort_values(EPOCH).drop_duplicates(EPOCH, keep="last")
+    keep = [k for k in M.EPOCH_METRICS if k in df]
+    return [{k: float(v) for k, v in row.items()} for row in df[keep].to_dict("records")]
+
+
+def best_row(rows: list[TrialRow]) -> TrialRow:
+    """The trial with the highest last-epoch validation accuracy; finished trials first.
+
+    A trial ASHA stopped after one epoch is not compared with ten-epoch trials unless nothing
+    ran to the end. Ties go to the trial that started first (Tune's trial order), so the choice
+    does not depend on which trial happened to finish first. Test data is never looked at here.
+    """
+    from fer_model.errors import UserError
+
+    scored = [r for r in rows if r.history and math.isfinite(r.val_acc)]
+    completed = [r for r in scored if r.outcome == N.OUTCOME_COMPLETED]
+    pool = completed or scored
+    if not pool:
+        raise UserError("no trial produced a validation accuracy; see the errors above")
+    top = max(r.val_acc for r in pool)
+    return next(r for r in pool if r.val_acc == top)
+
+
+def ties_at_top(rows: list[TrialRow]) -> list[TrialRow]:
+    """The trials that share the best trial's validation accuracy (the best one first)."""
+    best = best_row(rows)
+    return [best] + [r for r in rows if r is not best and r.history and r.val_acc == best.val_acc
+                     and (r.outcome == best.outcome or best.outcome != N.OUTCOME_COMPLETED)]

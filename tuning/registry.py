@@ -1,0 +1,157 @@
+"""The Model Registry: guarded promotion of a version to an alias (`champion`), and rollback.
+
+A candidate takes the alias only when it beats the version holding it, on the same metric of their
+final runs, by more than a margin, and only when both were scored on the same test data (the
+``data_fingerprint`` and ``test_size`` tags every registered version carries). The version that loses
+the alias gets the ``previous`` alias; a rollback gives the alias back to it. Every decision is
+recorded as tags on the versions, so the history shows on the model's page in the MLflow UI.
+Aliases only: MLflow's stages are deprecated.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from mlflow.tracking import MlflowClient
+
+from fer_model import metrics as M
+from fer_model.errors import UserError, first_line
+from tuning import names as N
+
+CHAMPION = "champion"
+NOT_PROMOTED = 3  # exit code: a decision, not an error
+
+# Tags a decision leaves on the candidate version.
+TAG_DECISION = "promotion_decision"
+TAG_DECIDED_AT = "promotion_decided_at"
+TAG_REPLACED = "promotion_replaced_version"
+TAG_ROLLED_BACK = "rolled_back_at"
+
+
+def previous_alias(alias: str) -> str:
+    """Where the version that loses `alias` goes: ``previous`` for the champion, else ``<alias>-previous``."""
+    return "previous" if alias == CHAMPION else f"{alias}-previous"
+
+
+def higher_is_better(metric: str) -> bool:
+    return not metric.endswith("_loss")
+
+
+@dataclass(frozen=True)
+class PromotionRequest:
+    model_name: str
+    version: str | None = None  # None: the newest version
+    alias: str = CHAMPION
+    metric: str = M.TEST_ACC
+    min_delta: float = 0.0
+    force: bool = False
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What promotion decided, and why (one line)."""
+
+    promote: bool
+    candidate: str
+    incumbent: str | None
+    candidate_value: float
+    incumbent_value: float | None
+    reason: str
+
+    def describe(self, req: PromotionRequest) -> str:
+        ours = f"version {self.candidate} {req.metric} {self.candidate_value:.4f}"
+        theirs = (f"{req.alias} version {self.incumbent} {req.metric} {self.incumbent_value:.4f}"
+                  if self.incumbent is not None else f"no {req.alias} yet")
+        verb = ("would move" if req.dry_run else "moved") if self.promote else ("would stay" if req.dry_run else "stays")
+        where = f"{req.alias} {verb} to version {self.candidate}" if self.promote else \
+            f"{req.alias} {verb} with version {self.incumbent}"
+        return f"{ours}; {theirs}: {where} ({self.reason})"
+
+
+def _version(client: MlflowClient, name: str, version: str | None):
+    try:
+        if version is not None:
+            return client.get_model_version(name, str(version))
+        versions = client.search_model_versions(f"name = '{name}'")
+    except Exception as exc:  # noqa: BLE001 - unknown model or version
+        raise UserError(f"model {name!r} version {version}: {first_line(exc)}") from None
+    if not versions:
+        raise UserError(f"no registered model {name!r}: run python -m tuning.grid (or tuning.final) first")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def _holder(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except Exception:  # noqa: BLE001 - MLflow raises when the alias is unset
+        return None
+
+
+def metric_of(client: MlflowClient, version, metric: str) -> float:
+    """`metric` of the final run that produced `version`."""
+    metrics = client.get_run(version.run_id).data.metrics
+    if metric not in metrics:
+        raise UserError(f"version {version.version}'s run {version.run_id} has no metric {metric!r} "
+                        f"(it has: {', '.join(sorted(metrics))})")
+    return float(metrics[metric])
+
+
+def decide(client: MlflowClient, req: PromotionRequest) -> Decision:
+    """Compare the candidate with the alias holder; change nothing."""
+    cand = _version(client, req.model_name, req.version)
+    cand_v = str(cand.version)
+    value = metric_of(client, cand, req.metric)
+    holder = _holder(client, req.model_name, req.alias)
+    if holder is None:
+        return Decision(True, cand_v, None, value, None, f"the first {req.alias}")
+    theirs, held_v = metric_of(client, holder, req.metric), str(holder.version)
+    if held_v == cand_v:
+        return Decision(False, cand_v, held_v, value, theirs, f"version {cand_v} already holds it")
+    same_data = all(cand.tags.get(t) and cand.tags.get(t) == holder.tags.get(t) for t in (N.TAG_DATA_FINGERPRINT, N.TAG_TEST_SIZE))
+    if not same_data and not req.force:
+        return Decision(False, cand_v, held_v, value, theirs,
+                        f"not comparable: scored on other test data (test size {cand.tags.get(N.TAG_TEST_SIZE, '?')} vs "
+                        f"{holder.tags.get(N.TAG_TEST_SIZE, '?')}, fingerprints differ or are missing); --force to promote anyway")
+    gain = (value - theirs) if higher_is_better(req.metric) else (theirs - value)
+    if req.force:
+        return Decision(True, cand_v, held_v, value, theirs, "--force")
+    if gain > req.min_delta:
+        return Decision(True, cand_v, held_v, value, theirs, f"better by {gain:.4f} > {req.min_delta:g}")
+    return Decision(False, cand_v, held_v, value, theirs,
+                    f"not better by more than {req.min_delta:g} (difference {gain:+.4f})")
+
+
+def promote(client: MlflowClient, req: PromotionRequest) -> Decision:
+    """Decide, then (unless a dry run) move the aliases and record the decision on the versions."""
+    decision = decide(client, req)
+    if req.dry_run:
+        return decision
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    text = f"{'promoted to' if decision.promote else 'not promoted to'} {req.alias}: {decision.describe(req)}"
+    for key, value in {TAG_DECISION: text, TAG_DECIDED_AT: now}.items():
+        client.set_model_version_tag(req.model_name, decision.candidate, key, value)
+    if decision.promote:
+        if decision.incumbent is not None:
+            client.set_registered_model_alias(req.model_name, previous_alias(req.alias), decision.incumbent)
+            client.set_model_version_tag(req.model_name, decision.candidate, TAG_REPLACED, decision.incumbent)
+        client.set_registered_model_alias(req.model_name, req.alias, decision.candidate)
+    return decision
+
+
+def rollback(client: MlflowClient, model_name: str, alias: str = CHAMPION, dry_run: bool = False) -> tuple[str, str]:
+    """Give `alias` back to the version holding its previous alias; returns (from, to) versions."""
+    back = _holder(client, model_name, previous_alias(alias))
+    if back is None:
+        raise UserError(f"--rollback: model {model_name!r} has no {previous_alias(alias)!r} version to go back to")
+    now_holder = _holder(client, model_name, alias)
+    current = str(now_holder.version) if now_holder else "none"
+    if not dry_run:
+        client.set_registered_model_alias(model_name, alias, str(back.version))
+        client.delete_registered_model_alias(model_name, previous_alias(alias))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        note = f"{alias} rolled back from version {current} to version {back.version}"
+        for version in {str(back.version), current} - {"none"}:
+            client.set_model_version_tag(model_name, version, TAG_ROLLED_BACK, f"{stamp}: {note}")
+    return current, str(back.version)

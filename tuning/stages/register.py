@@ -1,0 +1,55 @@
+"""Registration: log a final stage's model on its run and register it as a new version, tags and all.
+
+The model is the pyfunc of `tuning.pyfunc` (images in, emotions out). Everything goes through the
+explicit client: the model is saved to a temporary folder, uploaded
+as the run's ``model`` artifact, and the version is created with its tags in one call, so a
+version never exists without them. Promotion is a further step (the registry's aliases).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from mlflow.entities.model_registry import ModelVersion
+
+from fer_model.config import CLASS_NAMES
+from tuning import names as N
+from tuning.stages import StageContext
+from tuning.stages.final import FinalResult
+
+MODEL_ARTIFACT = "model"
+
+
+def version_tags(ctx: StageContext, final: FinalResult) -> dict[str, str]:
+    """What a version carries: its test numbers, where it came from, what its output is, its test data."""
+    tags = {k: f"{v:.4f}" for k, v in final.evaluation.metrics.items()}
+    tags.update({N.TAG_SOURCE_RUN: final.run_id, N.TAG_PARENT_RUN: final.inputs.source_run_id,
+                 N.TAG_MODEL_OUTPUT: "probabilities" if final.inputs.config.model.outputs_probabilities else "logits",
+                 "class_names": ",".join(CLASS_NAMES), "arch": final.inputs.config.model.arch,
+                 N.TAG_DATA_FINGERPRINT: ctx.data.fingerprint[:16], N.TAG_TEST_SIZE: str(len(ctx.data.test))})
+    if final.inputs.best_trial_run_id:
+        tags[N.TAG_BEST_TRIAL_RUN] = final.inputs.best_trial_run_id
+    return tags
+
+
+def register(ctx: StageContext, final: FinalResult) -> ModelVersion | None:
+    """A new version of `ctx.tracking.model_name` from `final`; None (and no version) if it diverged."""
+    if final.diverged:  # a result to look at, never a model to serve
+        return None
+    from tuning import pyfunc
+
+    with tempfile.TemporaryDirectory() as d:
+        path = pyfunc.save(Path(d) / MODEL_ARTIFACT, [(final.model, final.inputs.config.model)],
+                           ctx.data.test.images[0, 0].cpu().numpy())
+        ctx.client.log_artifacts(final.run_id, str(path), MODEL_ARTIFACT)
+    name = ctx.tracking.model_name
+    if not ctx.client.search_registered_models(f"name = '{name}'", max_results=1):
+        try:
+            ctx.client.create_registered_model(name)
+        except Exception:  # noqa: BLE001 - created meanwhile by another driver
+            pass
+    cfg = final.inputs.config
+    return ctx.client.create_model_version(
+        name, f"runs:/{final.run_id}/{MODEL_ARTIFACT}", run_id=final.run_id, tags=version_tags(ctx, final),
+        description=f"{cfg.model.describe()}, {cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs")
