@@ -148,7 +148,8 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
     g.add_argument("--max-concurrent", type=int, help="at most this many trials at once (default: as resources allow)")
     g.add_argument("--address", help="join this Ray cluster (default $RAY_ADDRESS, else a local Ray)")
-    g.add_argument("--storage", help="where Tune keeps trial results and checkpoints (default ./ray_results; shared path or URI on a cluster)")
+    g.add_argument("--storage", help="where Tune keeps trial results and checkpoints (default $FER_TUNE_STORAGE, else ./ray_results; "
+                                     "a shared path or URI on a cluster)")
     g.add_argument("--storage-shared", action="store_true", default=None,
                    help="--storage is a folder every node mounts (NFS), not a local one")
 
@@ -161,10 +162,12 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
         raise ConfigError(f"--cpus-per-trial must be > 0, got {cpus}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
-    storage = args.storage or str(Path("ray_results").resolve())
+    # `python -m cluster.local up` writes FER_TUNE_STORAGE(_SHARED) into cluster.env: a folder every node reads.
+    storage = args.storage or os.environ.get("FER_TUNE_STORAGE") or str(Path("ray_results").resolve())
+    shared = bool(args.storage_shared) or (not args.storage and os.environ.get("FER_TUNE_STORAGE_SHARED") == "1")
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
-    return ClusterOptions(args.address or os.environ.get("RAY_ADDRESS") or None, storage, bool(args.storage_shared),
+    return ClusterOptions(args.address or os.environ.get("RAY_ADDRESS") or None, storage, shared,
                           args.gpus_per_trial, cpus, args.max_concurrent)
 
 

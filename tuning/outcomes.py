@@ -113,7 +113,7 @@ class TrialRow:
     history: list[dict[str, float]] = field(default_factory=list)
     run_id: str | None = None
     run_name: str = ""
-    node_ip: str = ""
+    node: str = ""  # the Ray node it finished on: "<node id, 8 chars> <ip>"
 
     @property
     def val_acc(self) -> float:
@@ -139,7 +139,7 @@ def summarize(results, setup: TrialSetup, expected: int | None = None) -> list[T
     Raises `Interrupted` when a trial has no outcome (Ctrl-C cut it), or when a search created
     fewer trials than asked without its time budget running out.
     """
-    from tuning.trainable import TAG_NODE_IP
+    from tuning.trainable import TAG_NODE_ID, TAG_NODE_IP
 
     client = client_for(setup.tracking_uri)
     runs = trial_runs(client, setup.experiment_id, setup.parent_run_id)
@@ -153,7 +153,7 @@ def summarize(results, setup: TrialSetup, expected: int | None = None) -> list[T
             continue
         rows.append(TrialRow(trial_id, dict(result.config or {}), outcome, _history(result),
                              run.info.run_id if run else None, run.info.run_name if run else "",
-                             run.data.tags.get(TAG_NODE_IP, "") if run else ""))
+                             f"{run.data.tags.get(TAG_NODE_ID, '')[:8]} {run.data.tags.get(TAG_NODE_IP, '')}".strip() if run else ""))
     budget_spent = client.get_run(setup.parent_run_id).data.tags.get(N.TAG_STOPPED_BY) == N.STOPPED_BY_BUDGET
     missing = 0 if expected is None or budget_spent else max(expected - len(results), 0)
     if cut or missing:

@@ -53,16 +53,21 @@ def session(opts: CommonOptions, with_ray: bool = True) -> Iterator[StageContext
 
 
 def grid(ctx: StageContext, inputs: GridInputs) -> StageResult:
-    run_id = create_run(ctx.client, ctx.experiment_id, "grid", {N.TAG_STAGE: N.STAGE_GRID}, grid_stage.params(ctx, inputs))
+    from tuning.runner import cluster_params
+
+    run_id = create_run(ctx.client, ctx.experiment_id, "grid", {N.TAG_STAGE: N.STAGE_GRID},
+                        {**grid_stage.params(ctx, inputs), **cluster_params()})
     with tracked_run(ctx.client, run_id):
         return grid_stage.run(ctx, run_id, inputs)
 
 
 def search(ctx: StageContext, options: SearchOptions, start_config: dict[str, Any] | None) -> StageResult:
+    from tuning.runner import cluster_params
+
     plan = search_stage.plan(ctx, options, start_config)
     run_id = plan.run_id or create_run(
         ctx.client, ctx.experiment_id, f"search {plan.study_name}",
-        {**plan.tags(), N.TAG_TUNE_PATH: search_stage.tune_path(ctx, plan)}, search_stage.params(ctx, plan))
+        {**plan.tags(), N.TAG_TUNE_PATH: search_stage.tune_path(ctx, plan)}, {**search_stage.params(ctx, plan), **cluster_params()})
     with tracked_run(ctx.client, run_id):
         return search_stage.run(ctx, run_id, plan)
 

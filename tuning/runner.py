@@ -56,6 +56,13 @@ def ray_session(cluster: ClusterOptions, tracking_uri: str) -> Iterator[None]:
             ray.shutdown()
 
 
+def cluster_params() -> dict[str, Any]:
+    """The cluster a stage ran on, for its run's params."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    return {"ray_nodes": len(nodes), "ray_cpus": total.get("CPU", 0), "ray_gpus": total.get("GPU", 0)}
+
+
 def gpu_share(cluster: ClusterOptions) -> float:
     """--gpus-per-trial, else a fraction of a GPU where the cluster has GPUs, else 0."""
     if cluster.gpus_per_trial is not None:

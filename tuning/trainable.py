@@ -27,6 +27,7 @@ RUN_ID = "mlflow_run_id"  # reported too, so the driver settles the right run
 
 # Where a trial runs, as tags on its run (the node it finished on, after a node loss).
 TAG_NODE_ID, TAG_NODE_IP, TAG_GPU_IDS = "ray_node_id", "ray_node_ip", "gpu_ids"
+TAG_RESUMED_FROM = "resumed_from_epoch"  # set when a retry or --resume continued from a checkpoint
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,11 @@ def train_trial(config: dict[str, Any], data: FerData, setup: TrialSetup, name_k
             resume = load_checkpoint(Path(d) / STATE_FILE)
             run_id = json.loads((Path(d) / META_FILE).read_text()).get(RUN_ID)
 
+    tags = where()
+    if resume is not None:
+        tags[TAG_RESUMED_FROM] = str(len(resume["history"]))
     tracker = TrialTracker.open(setup.tracking_uri, setup.experiment_id, setup.parent_run_id, ctx.get_trial_id(),
-                                run_name(cfg.to_dict(), list(name_keys)), cfg.to_dict(), where(), run_id)
+                                run_name(cfg.to_dict(), list(name_keys)), cfg.to_dict(), tags, run_id)
     best = M.best_val_acc(resume["history"]) if resume else float("nan")
 
     def on_epoch(r: EpochResult) -> None:

@@ -12,6 +12,7 @@ owns every run (`tuning.tracking.tracked_run`).
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -62,4 +63,7 @@ def conclude(ctx: StageContext, stage: str, parent_run_id: str, rows: list[Trial
     with tempfile.TemporaryDirectory() as d:
         log_files(ctx.client, parent_run_id, artifacts(Path(d)))
     record_best(ctx.client, parent_run_id, best.config, best.run_id)
+    per_node = Counter(r.node for r in rows if r.node)
+    if len(per_node) > 1:  # on a cluster: where the trials ran
+        print("trials per node: " + ", ".join(f"{node}: {n}" for node, n in sorted(per_node.items())))
     return StageResult(stage, parent_run_id, rows, best, study_name)
