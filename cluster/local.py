@@ -106,8 +106,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Several nodes on one machine need Ray's cluster mode on (a stage's own local Ray turns it off to
+# stay on loopback; see tuning.flags.keep_local_ray_on_loopback): nodes and clients set it.
+MULTI_NODE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+
+
 def _env(token_path: Path) -> dict[str, str]:
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    env = {**os.environ, **MULTI_NODE, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_ADDRESS", None)
     return env
@@ -241,7 +246,7 @@ def up(folder: Path, workers: int, cpus: int, gpus: int, ray_port: int, mlflow_p
 
 def cluster_env(state: ClusterState) -> dict[str, str]:
     """What a client needs: the cluster, the server, Ray's token, the shared Tune storage."""
-    return {"RAY_ADDRESS": state.ray_address, "MLFLOW_TRACKING_URI": state.tracking_uri,
+    return {**MULTI_NODE, "RAY_ADDRESS": state.ray_address, "MLFLOW_TRACKING_URI": state.tracking_uri,
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state.token_path,
             "FER_TUNE_STORAGE": state.storage, "FER_TUNE_STORAGE_SHARED": "1"}
 

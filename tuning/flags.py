@@ -154,6 +154,18 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="--storage is a folder every node mounts (NFS), not a local one")
 
 
+def keep_local_ray_on_loopback(cluster: ClusterOptions) -> None:
+    """A Ray this command starts itself listens on 127.0.0.1 only.
+
+    Ray replaces a 127.0.0.1 node address with the machine's network address, so its GCS, raylet and
+    workers listen on every interface (seen with `ss -ltnp`), guarded by its token alone. With
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 it keeps the loopback address, and binds there. Ray reads it
+    when imported: call this before anything imports ray. Joining a cluster leaves it alone.
+    """
+    if cluster.address is None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def cluster_options(args: argparse.Namespace) -> ClusterOptions:
     if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
         raise ConfigError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")

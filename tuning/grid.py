@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         flags.apply_preset(args, QUICK)
     opts = flags.common_options(args)
+    flags.keep_local_ray_on_loopback(opts.cluster)  # before ray is imported
     fixed = {**GRID_FIXED, "seed": 0, **given(args, FIXED_FLAGS)}
     from tuning.stages.grid import GridInputs  # after the flags: --help and bad flags answer at once
 

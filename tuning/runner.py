@@ -24,7 +24,9 @@ def init_ray(cluster: ClusterOptions) -> bool:
     if ray.is_initialized():
         return False
     try:
-        ray.init(address=cluster.address or None, include_dashboard=False, configure_logging=True,
+        # "local": a new Ray of our own, never a cluster someone else started with `ray start` on this
+        # machine (which a plain ray.init() would join silently).
+        ray.init(address=cluster.address or "local", include_dashboard=False, configure_logging=True,
                  logging_level=logging.WARNING, log_to_driver=True)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise UserError(f"cannot join the Ray cluster at {cluster.address!r}: {first_line(exc)}") from None

@@ -59,6 +59,13 @@ def test_a_grid_spreads_over_the_workers(cluster, tmp_path, tiny_folder, capsys)
     assert "trials per node:" in proc.stdout
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
 
+    # The server unreachable when a stage starts: one line, exit 2, before any training.
+    dead = {**env, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, "-m", "tuning.grid", *map(str, argv)], env=dead, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: MLflow tracking server http://127.0.0.1:9 is unreachable ([Errno 111] Connection refused)"]
+
     client = MlflowClient(state.tracking_uri)
     exp = client.get_experiment_by_name("spread")
     trials = client.search_runs([exp.experiment_id], f"tags.{N.TAG_STAGE} = '{N.STAGE_TRIAL}'")

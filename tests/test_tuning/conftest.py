@@ -19,7 +19,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

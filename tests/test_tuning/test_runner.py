@@ -1,0 +1,37 @@
+"""The Ray a stage starts for itself listens on the loopback interface only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+SCRIPT = """
+import json, os, psutil
+from tuning.flags import ClusterOptions, keep_local_ray_on_loopback
+keep_local_ray_on_loopback(ClusterOptions())
+from tuning.runner import init_ray
+import ray
+init_ray(ClusterOptions())
+ray.get(ray.remote(lambda: 1).remote())  # a worker process too
+procs = [psutil.Process()] + psutil.Process().children(recursive=True)
+listening = []
+for p in procs:
+    try:
+        listening += [(p.name(), c.laddr.ip) for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        pass
+print(json.dumps(listening))
+ray.shutdown()
+"""
+
+
+def test_a_local_ray_listens_on_loopback_only(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    listening = json.loads(out.stdout.strip().splitlines()[-1])
+    names = {name for name, _ in listening}
+    assert "gcs_server" in names and "raylet" in names, listening
+    assert {ip for _, ip in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
