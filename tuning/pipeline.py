@@ -21,6 +21,7 @@ from fer_model.evaluate import describe_test
 from fer_model.presets import STUDY_TEST_ACC
 from tuning import names as N
 from tuning import report
+from tuning.orphans import settle_orphans
 from tuning.flags import LATEST_GRID, CommonOptions, FinalOptions, SearchOptions
 from tuning.stages import StageContext, StageResult
 from tuning.stages import final as final_stage
@@ -39,6 +40,7 @@ def session(opts: CommonOptions, with_ray: bool = True) -> Iterator[StageContext
     print(f"data: {fdata.describe(data)}")
     client = client_for(opts.tracking.uri)
     experiment_id = ensure_experiment(client, opts.tracking.experiment)
+    settle_orphans(client, experiment_id)  # no stale RUNNING run survives the next command
     if with_ray:
         from tuning.runner import ray_session
 

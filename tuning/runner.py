@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -76,6 +77,11 @@ def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, para
                *, name_keys: Sequence[str] = (), search_alg=None, scheduler=None, num_samples: int = 1,
                time_budget_s: float | None = None, restore_path: str | None = None) -> list[TrialRow]:
     """Run (or, given `restore_path`, resume) one Tune experiment; every trial is settled by `TrialOutcomes`."""
+    # Keeping one checkpoint per trial (bounded disk) makes Tune snapshot its state at every
+    # checkpoint, i.e. every epoch, which is what lets a resume continue from the latest epoch; on a
+    # local or shared folder a snapshot takes milliseconds. Tune warns about it every epoch
+    # ("snapshotting has been triggered multiple times"): noise that hid the progress table.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_resources(
         # data: one object-store copy shared by every trial
         tune.with_parameters(train_trial, data=data, setup=setup, name_keys=tuple(name_keys)),
