@@ -47,6 +47,7 @@ class Started:
     pid: int  # the group leader (its pgid)
     pids: list[int] = field(default_factory=list)  # every process of the group seen after start
     log: str = ""
+    started: dict[str, float] = field(default_factory=dict)  # pid -> start time: a reused pid is not ours
 
 
 @dataclass
@@ -71,24 +72,38 @@ class ClusterState:
         (Path(self.dir) / STATE).write_text(json.dumps(asdict(self), indent=1))
 
 
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _group(pid: int) -> list[int]:
-    """The leader and every descendant (Ray's raylet, gcs_server, workers; mlflow's helpers)."""
+def _alive(pid: int, started: float | None = None) -> bool:
+    """Whether `pid` runs (and, given its recorded start time, is still that process, not a reuse)."""
     import psutil
 
     try:
         proc = psutil.Process(pid)
-        return [pid] + [c.pid for c in proc.children(recursive=True)]
+        return proc.status() != psutil.STATUS_ZOMBIE and (started is None or abs(proc.create_time() - started) < 1)
     except psutil.NoSuchProcess:
-        return []
+        return False
+
+
+def _ours(p: Started, pid: int | None = None) -> bool:
+    pid = p.pid if pid is None else pid
+    return _alive(pid, p.started.get(str(pid)))
+
+
+def _record(p: Started) -> None:
+    """The leader and every descendant (Ray's raylet, gcs_server, workers; mlflow's helpers), with start times."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(p.pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    p.pids, p.started = [], {}
+    for proc in procs:
+        try:
+            p.started[str(proc.pid)] = proc.create_time()
+            p.pids.append(proc.pid)
+        except psutil.NoSuchProcess:
+            continue
 
 
 def _port_free(port: int) -> bool:
@@ -122,35 +137,41 @@ def _spawn(role: str, cmd: list[str], folder: Path, env: dict[str, str]) -> Star
     log = folder / "logs" / f"{role}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    return Started(role, proc.pid, [proc.pid], str(log))
+    started = Started(role, proc.pid, [proc.pid], str(log))
+    _record(started)
+    return started
 
 
 def _stop(processes: Sequence[Started], timeout: float = 10.0) -> list[int]:
     """SIGTERM each recorded group, then SIGKILL what is left; returns recorded pids still alive.
 
     Ten seconds, not Ray's 30 s drain: a local cluster has no remote work to drain."""
-    for p in processes:
+    # Only groups whose leader is still the process `up` started (same pid and start time): after a
+    # reboot or a crash the recorded ids may belong to someone else's processes now.
+    leaders = [p for p in processes if _ours(p)]
+    for p in leaders:
         try:
             os.killpg(p.pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
+    ours = [(p, pid) for p in processes for pid in p.pids]
     deadline = time.time() + timeout
-    pids = {pid for p in processes for pid in p.pids}
-    while time.time() < deadline and any(_alive(pid) for pid in pids):
+    while time.time() < deadline and any(_ours(p, pid) for p, pid in ours):
         time.sleep(0.3)
-    for p in processes:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    for pid in pids:  # a recorded process that left the group (setsid) is still ours: by id
-        if _alive(pid):
+    for p in leaders:
+        if _ours(p):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    for p, pid in ours:  # a recorded process that left its group is still ours: by id and start time
+        if _ours(p, pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
     time.sleep(0.5)
-    return [pid for pid in pids if _alive(pid)]
+    return [pid for p, pid in ours if _ours(p, pid)]
 
 
 def _wait_health(url: str, proc: Started, deadline: float) -> None:
@@ -161,7 +182,7 @@ def _wait_health(url: str, proc: Started, deadline: float) -> None:
                     return
         except OSError:
             pass
-        if not _alive(proc.pid):
+        if not _ours(proc):
             raise UserError(f"mlflow server exited while starting; see {proc.log}")
         time.sleep(0.5)
     raise UserError(f"mlflow server did not answer {url}/health within {START_TIMEOUT:.0f} s; see {proc.log}")
@@ -172,7 +193,7 @@ def _wait_started(proc: Started, deadline: float) -> None:
     while time.time() < deadline:
         if "Ray runtime started" in Path(proc.log).read_text(errors="replace"):
             return
-        if not _alive(proc.pid):
+        if not _ours(proc):
             raise UserError(f"{proc.role} exited while starting; see {proc.log}")
         time.sleep(0.5)
     raise UserError(f"{proc.role} did not start within {START_TIMEOUT:.0f} s; see {proc.log}")
@@ -183,16 +204,17 @@ def _alive_nodes(address: str, token_path: Path) -> list[dict]:
     code = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
             "print(json.dumps([{'id': n['NodeID'], 'ip': n['NodeManagerAddress'], 'alive': n['Alive'], "
             "'resources': n['Resources']} for n in ray.nodes()]))" % address)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(token_path), timeout=120)
-    if out.returncode != 0:
-        return []
-    return [n for n in json.loads(out.stdout.strip().splitlines()[-1]) if n["alive"]]
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(token_path), timeout=120)
+        return [n for n in json.loads(out.stdout.strip().splitlines()[-1]) if n["alive"]] if out.returncode == 0 else []
+    except (subprocess.TimeoutExpired, IndexError, ValueError):
+        return []  # the cluster did not answer: no live node that we know of
 
 
 def up(folder: Path, workers: int, cpus: int, gpus: int, ray_port: int, mlflow_port: int) -> ClusterState:
     """Start the head, the workers and the server; wait until all answer; write cluster.env."""
     state = ClusterState.read(folder)
-    if state is not None and any(_alive(p.pid) for p in state.processes):
+    if state is not None and any(_ours(p) for p in state.processes):
         print(f"already up ({folder / STATE}); nothing changed. Use it: source {folder / ENV_FILE}")
         return state
     for name, port in (("--ray-port", ray_port), ("--mlflow-port", mlflow_port)):
@@ -231,7 +253,7 @@ def up(folder: Path, workers: int, cpus: int, gpus: int, ray_port: int, mlflow_p
             raise UserError(f"only {len(nodes)} of {workers + 1} Ray nodes are alive; see {folder / 'logs'}")
         _wait_health(uri, started[1], deadline)
         for p in started:
-            p.pids = _group(p.pid)
+            _record(p)
     except BaseException:
         _stop(started)  # nothing left running after a failed start
         raise
@@ -257,7 +279,7 @@ def status(folder: Path) -> int:
         print(f"down: no cluster in {folder}")
         return 0
     for p in state.processes:
-        print(f"{p.role:<10} pid {p.pid:<8} {'alive' if _alive(p.pid) else 'DEAD'}")
+        print(f"{p.role:<10} pid {p.pid:<8} {'alive' if _ours(p) else 'DEAD'}")
     nodes = _alive_nodes(state.ray_address, Path(state.token_path))
     print(f"Ray {state.ray_address}: {len(nodes)} live node(s)")
     for n in nodes:
@@ -309,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "up":
         if args.workers < 1 or args.cpus_per_worker < 1 or args.gpus_per_worker < 0:
             raise UserError("--workers and --cpus-per-worker must be >= 1, --gpus-per-worker >= 0")
+        for name, port in (("--ray-port", args.ray_port), ("--mlflow-port", args.mlflow_port)):
+            if port is not None and not 1024 <= port <= 65535:
+                raise UserError(f"{name} must be within 1024..65535, got {port}")
         up(folder, args.workers, args.cpus_per_worker, args.gpus_per_worker,
            args.ray_port or _free_port(), args.mlflow_port or _free_port())
         return 0

@@ -17,7 +17,7 @@ def build_parser() -> Parser:
     p = Parser(prog="python -m tuning.final", description="Retrain, evaluate and register the best configuration of a finished grid or search run.")
     p.add_argument("--run-id", required=True, help="the grid or search parent run")
     flags.add_data_flags(p)
-    flags.add_tracking_flags(p)
+    flags.add_tracking_flags(p, experiment=False)  # the final run goes beside its source run
     flags.add_final_flags(p, optional=False)
     return p
 

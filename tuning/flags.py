@@ -67,16 +67,17 @@ class TrackingOptions:
     model_name: str = DEFAULT_MODEL_NAME
 
 
-def add_tracking_flags(p: argparse.ArgumentParser, model_name: bool = True) -> None:
+def add_tracking_flags(p: argparse.ArgumentParser, model_name: bool = True, experiment: bool = True) -> None:
     g = p.add_argument_group("tracking")
     g.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
-    g.add_argument("--experiment", help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})")
+    if experiment:
+        g.add_argument("--experiment", help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})")
     if model_name:
         g.add_argument("--model-name", help=f"registered model name (default {DEFAULT_MODEL_NAME})")
 
 
 def tracking_options(args: argparse.Namespace) -> TrackingOptions:
-    experiment = _or(args.experiment, DEFAULT_EXPERIMENT)
+    experiment = _or(getattr(args, "experiment", None), DEFAULT_EXPERIMENT)
     if not experiment.strip():
         raise ConfigError("--experiment must not be empty")
     model_name = _or(getattr(args, "model_name", None), DEFAULT_MODEL_NAME)
@@ -214,8 +215,11 @@ def final_options(args: argparse.Namespace) -> FinalOptions:
 
     resolve_device(args.device)  # the final stage runs there: refuse a device this machine lacks now
     enabled = not getattr(args, "no_final", None)
-    if args.promote and not enabled:
-        raise ConfigError("--promote needs the final stage: drop --no-final")
+    if not enabled:
+        given = [f for f, v in (("--promote", args.promote), ("--device", args.device),
+                                ("--final-epochs", getattr(args, "final_epochs_given", args.final_epochs))) if v]
+        if given:
+            raise ConfigError(f"{', '.join(given)} need(s) the final stage: drop --no-final")
     return FinalOptions(enabled, epochs, args.device, bool(args.promote))
 
 
@@ -313,7 +317,9 @@ def add_search_flags(p: argparse.ArgumentParser, in_grid: bool = False) -> None:
 # What a resumed search keeps from its first start, whatever the flags say.
 FIXED_ON_RESUME = {"search_trials": "--trials", "space": "--space", "search_epochs": "--epochs", "search_scheduler": "--scheduler",
                    "search_grace_period": "--grace-period", "search_reduction_factor": "--reduction-factor",
-                   "time_budget": "--time-budget", "start_from": "--start-from"}
+                   "time_budget": "--time-budget", "start_from": "--start-from", "search_seed": "--search-seed",
+                   "seed": "--seed", "max_concurrent": "--max-concurrent", "storage": "--storage",
+                   "optuna_storage": "--optuna-storage"}
 
 
 def search_options(args: argparse.Namespace, tracking_uri: str, trials: int | None = None, train_seed: int = 0) -> SearchOptions:
@@ -390,6 +396,7 @@ def common_options(args: argparse.Namespace) -> CommonOptions:
 
 def apply_preset(args: argparse.Namespace, preset: Mapping[str, Any]) -> None:
     """Fill the flags the user left unset (None) from `preset`: given flags win."""
+    args.final_epochs_given = getattr(args, "final_epochs", None)  # what the user typed, for checks
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

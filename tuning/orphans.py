@@ -27,11 +27,16 @@ def driver_alive(tags: dict[str, str], now: float | None = None) -> bool:
     """Whether the driver recorded in a run's tags still runs."""
     if N.TAG_DRIVER_PID not in tags:
         return True  # not ours to judge (a run from before these tags, or another tool's)
+    beat = float(tags.get(N.TAG_HEARTBEAT, "0") or 0)
+    silent = (now or time.time()) - beat
     if tags.get(N.TAG_DRIVER_HOST) == socket.gethostname():
         started = process_start_time(int(tags[N.TAG_DRIVER_PID]))
-        return started > 0 and abs(started - float(tags.get(N.TAG_DRIVER_STARTED, started))) < 2
-    beat = float(tags.get(N.TAG_HEARTBEAT, "0") or 0)
-    return (now or time.time()) - beat < STALE_AFTER
+        if started > 0 and abs(started - float(tags.get(N.TAG_DRIVER_STARTED, started))) < 2:
+            return True
+        # No such process here; a fresh heartbeat still means alive (containers can share a
+        # hostname but not their process ids).
+        return silent < 2 * HEARTBEAT_SECONDS
+    return silent < STALE_AFTER
 
 
 def settle_orphans(client: MlflowClient, experiment_id: str, keep: Iterable[str] = ()) -> list[str]:

@@ -8,7 +8,6 @@ a typed result; the next stage is built from it. A run's status is set in one pl
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator
@@ -34,12 +33,12 @@ from tuning.tracking import client_for, create_run, ensure_experiment, latest_st
 
 
 @contextmanager
-def session(opts: CommonOptions, with_ray: bool = True) -> Iterator[StageContext]:
-    """The data (loaded once), the experiment, and Ray (joined or started) for one command."""
+def session(opts: CommonOptions, with_ray: bool = True, experiment_id: str | None = None) -> Iterator[StageContext]:
+    """The data (loaded once), the experiment (`opts`', or the given id), and Ray (joined or started)."""
     data = fdata.load(opts.data)
     print(f"data: {fdata.describe(data)}")
     client = client_for(opts.tracking.uri)
-    experiment_id = ensure_experiment(client, opts.tracking.experiment)
+    experiment_id = experiment_id or ensure_experiment(client, opts.tracking.experiment)
     settle_orphans(client, experiment_id)  # no stale RUNNING run survives the next command
     if with_ray:
         from tuning.runner import ray_session
@@ -105,6 +104,9 @@ def describe_final(result: FinalResult, version: ModelVersion | None, study_acc:
 
 def tune_grid(opts: CommonOptions, inputs: GridInputs, then_search: SearchOptions | None = None) -> StageResult:
     """`tuning.grid`: the grid, then (with --search-trials) a search started from its best, then one final."""
+    if then_search is not None:  # a study-name clash is found now, not after hours of grid
+        search_stage.check_study_is_new(then_search)
+
     def stages(ctx: StageContext) -> StageResult:
         result = grid(ctx, inputs)
         return search(ctx, then_search, result.best.config) if then_search is not None else result
@@ -140,8 +142,7 @@ def retrain(opts: CommonOptions, source_run_id: str) -> FinalResult:
     except Exception as exc:  # noqa: BLE001 - MLflow raises its own error types for unknown ids
         raise UserError(f"no run {source_run_id!r} in {opts.tracking.uri}: {first_line(exc)}") from None
     best = read_best_config(client, source_run_id)
-    with session(opts, with_ray=False) as ctx:
-        ctx = dataclasses.replace(ctx, experiment_id=source.info.experiment_id)  # beside its source run
+    with session(opts, with_ray=False, experiment_id=source.info.experiment_id) as ctx:  # beside its source run
         result, _ = final(ctx, opts.final, source_run_id, best, source.data.tags.get(N.TAG_BEST_TRIAL_RUN) or None)
     return result
 

@@ -36,7 +36,7 @@ def build_parser() -> Parser:
     p.add_argument("--top-k", type=int, default=1, help="emotions per image, most likely first (default 1)")
     p.add_argument("--out", help="write the predictions here instead of standard output")
     p.add_argument("--cache-dir", help="decoded-data cache for a FER2013 source (default $FER2013_CACHE or ~/.cache/fer2013)")
-    flags.add_tracking_flags(p, model_name=False)
+    flags.add_tracking_flags(p, model_name=False, experiment=False)
     return p
 
 
@@ -128,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources = [p for p in paths if is_fer_source(p)]
     if sources and len(paths) > 1:
         raise ConfigError(f"a FER2013 source ({sources[0]}) is predicted on its own: pass it alone")
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).expanduser().resolve().parent.is_dir()):
+        raise UserError(f"--out {args.out}: not a file in an existing folder")
     tracking_uri = flags.resolve_tracking_uri(args.tracking_uri)
     flags.check_tracking(tracking_uri)
 
@@ -150,8 +152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not blobs:
         raise UserError("no readable images to predict")
     model = load_model(args.model, tracking_uri)
-    frame = model.predict(pd.DataFrame({IMAGE_COLUMN: blobs}))
-    probs = frame[PROB_COLUMNS].to_numpy()
+    try:
+        frame = model.predict(pd.DataFrame({IMAGE_COLUMN: blobs}))
+        probs = frame[PROB_COLUMNS].to_numpy()
+    except Exception as exc:  # noqa: BLE001 - a model that is not this project's image pyfunc
+        raise UserError(f"model {args.model} does not take an {IMAGE_COLUMN!r} column and return "
+                        f"{', '.join(PROB_COLUMNS[:2])}, ...: {first_line(exc)}") from None
     order = np.argsort(-probs, axis=1)[:, :args.top_k]
     rows = []
     for i, name in enumerate(names):

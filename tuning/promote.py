@@ -34,7 +34,7 @@ def build_parser() -> Parser:
     p.add_argument("--force", action="store_true", help="promote even if not better or scored on other test data")
     p.add_argument("--dry-run", action="store_true", help="say what would happen; change nothing")
     p.add_argument("--rollback", action="store_true", help="give the alias back to the version it replaced (its previous alias)")
-    flags.add_tracking_flags(p)
+    flags.add_tracking_flags(p, experiment=False)
     return p
 
 
@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tuning import registry
     from tuning.tracking import client_for
 
+    registry.check_alias(args.alias)
     client = client_for(tracking.uri)
     if args.rollback:
         was, now = registry.rollback(client, tracking.model_name, args.alias, args.dry_run)

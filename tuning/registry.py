@@ -10,6 +10,7 @@ Aliases only: MLflow's stages are deprecated.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -83,15 +84,24 @@ def _version(client: MlflowClient, name: str, version: str | None):
 
 
 def _holder(client: MlflowClient, name: str, alias: str):
+    """The version holding `alias`, or None when the alias is unset (any other failure is an error:
+    a server blip must never read as "no champion yet")."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return client.get_model_version_by_alias(name, alias)
-    except Exception:  # noqa: BLE001 - MLflow raises when the alias is unset
-        return None
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") and "alias" in str(exc).lower():
+            return None
+        raise UserError(f"model {name!r} alias {alias!r}: {first_line(exc)}") from None
 
 
 def metric_of(client: MlflowClient, version, metric: str) -> float:
     """`metric` of the final run that produced `version`."""
-    metrics = client.get_run(version.run_id).data.metrics
+    try:
+        metrics = client.get_run(version.run_id).data.metrics
+    except Exception as exc:  # noqa: BLE001 - a deleted run, or a version registered without one
+        raise UserError(f"version {version.version}: its run {version.run_id!r} cannot be read: {first_line(exc)}") from None
     if metric not in metrics:
         raise UserError(f"version {version.version}'s run {version.run_id} has no metric {metric!r} "
                         f"(it has: {', '.join(sorted(metrics))})")
@@ -130,14 +140,20 @@ def promote(client: MlflowClient, req: PromotionRequest) -> Decision:
         return decision
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     text = f"{'promoted to' if decision.promote else 'not promoted to'} {req.alias}: {decision.describe(req)}"
-    for key, value in {TAG_DECISION: text, TAG_DECIDED_AT: now}.items():
-        client.set_model_version_tag(req.model_name, decision.candidate, key, value)
-    if decision.promote:
+    if decision.promote:  # the aliases first: the tags then record what happened, not what was meant
+        client.set_registered_model_alias(req.model_name, req.alias, decision.candidate)
         if decision.incumbent is not None:
             client.set_registered_model_alias(req.model_name, previous_alias(req.alias), decision.incumbent)
             client.set_model_version_tag(req.model_name, decision.candidate, TAG_REPLACED, decision.incumbent)
-        client.set_registered_model_alias(req.model_name, req.alias, decision.candidate)
+    for key, value in {TAG_DECISION: text, TAG_DECIDED_AT: now}.items():
+        client.set_model_version_tag(req.model_name, decision.candidate, key, value)
     return decision
+
+
+def check_alias(alias: str) -> None:
+    """MLflow reserves ``latest`` and ``v<N>``; an alias is a name."""
+    if not alias.strip() or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias) or not re.fullmatch(r"[\w-]+", alias):
+        raise UserError(f"--alias {alias!r} cannot be used: letters, digits, _ and -, and not 'latest' or 'v<number>'")
 
 
 def rollback(client: MlflowClient, model_name: str, alias: str = CHAMPION, dry_run: bool = False) -> tuple[str, str]:

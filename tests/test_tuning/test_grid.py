@@ -121,6 +121,8 @@ def test_grid_against_a_real_mlflow_server(ray_session, workdir, tiny_folder, ml
     (["--search-epochs", "3"], "--search-epochs only apply with --search-trials"),
     (["--grace-period", "1"], "--grace-period only apply with --scheduler asha"),
     (["--search-trials", "0"], "--search-trials must be >= 1"),
+    (["--no-final", "--final-epochs", "3"], "--final-epochs need(s) the final stage"),
+    (["--no-final", "--promote"], "--promote need(s) the final stage"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(workdir, capsys, argv, message):
     assert run_main(grid.main, argv) == 2

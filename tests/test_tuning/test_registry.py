@@ -85,6 +85,7 @@ def test_guarded_promotion_and_rollback(store, capsys):
     assert run_main(promote.main, ["--rollback"]) == 2  # nothing left to go back to
     assert run_main(promote.main, ["--version", v3, "--metric", "test_loss"]) == 3  # lower loss wins: 0.48 > 0.45
     assert run_main(promote.main, ["--metric", "nope"]) == 2
+    assert run_main(promote.main, ["--alias", "latest"]) == 2 and "--alias 'latest' cannot be used" in capsys.readouterr().err
 
 
 def _model(spec: ModelSpec, seed: int = 0):
@@ -149,6 +150,9 @@ def test_predict_and_serve_the_champion(store, workdir, tiny_folder, capsys, cap
     rows = json.loads(captured.out)
     assert [r["input"] for r in rows] == [str(f) for f in files] and len(rows[0]["top"]) == 3
     assert "skipped 1 unreadable file" in caplog.text and "broken.png" in caplog.text
+
+    assert run_main(predict.main, [*files, "--tracking-uri", uri, "--out", workdir / "no" / "p.csv"]) == 2
+    assert "--out" in capsys.readouterr().err
 
     # A labelled FER2013 source: its test images, with accuracy.
     assert run_main(predict.main, [tiny_folder, "--tracking-uri", uri, "--format", "csv", "--out", workdir / "p.csv"]) == 0

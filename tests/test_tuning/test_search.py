@@ -148,3 +148,13 @@ def test_time_budget_ends_the_search_as_finished_not_interrupted(ray_session, wo
     children = _children(client, parent.info.run_id)
     assert children and all(c.info.status == "FINISHED" for c in children)
     assert any(c.data.tags[N.TAG_OUTCOME] == N.OUTCOME_STOPPED_EARLY for c in children)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume", "--seed", "1"], "--seed cannot change a resumed search"),
+    (["--resume", "--trials", "3", "--optuna-storage", "x.db"], "--trials, --optuna-storage cannot change a resumed search"),
+])
+def test_what_a_resumed_search_keeps_cannot_be_given(workdir, capsys, argv, message):
+    assert run_main(search.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err

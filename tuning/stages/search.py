@@ -19,6 +19,7 @@ from tuning.flags import STUDY_PREFIX, SearchOptions
 from tuning.runner import run_trials
 from tuning.spaces import SEARCH_FIXED, to_tune
 from tuning.stages import StageContext, StageResult, conclude, data_params
+from tuning.orphans import driver_alive
 from tuning.tracking import latest_stage_run
 from tuning.trainable import TrialSetup
 
@@ -47,13 +48,14 @@ def plan(ctx: StageContext, options: SearchOptions, start_from: dict[str, Any] |
 
     if not options.resume:
         name = options.study_name or f"{STUDY_PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if _study_has_trials(optuna, options.storage_url, name):
-            raise UserError(f"Optuna study {name!r} already has trials in {options.storage_url}: "
-                            "pass --resume to continue it, or another --study-name")
+        check_study_is_new(options, name)
         point = starting_point(start_from, options.space) if start_from else None
         return SearchPlan(options, name, point)
     extra = f"tags.`{N.TAG_STUDY}` = '{options.study_name}'" if options.study_name else ""
     run = latest_stage_run(ctx.client, ctx.experiment_id, N.STAGE_SEARCH, extra, ("RUNNING", "KILLED", "FAILED"))
+    if run is not None and run.info.status == "RUNNING" and driver_alive(run.data.tags):
+        raise UserError(f"--resume: search run {run.info.run_id} is still running "
+                        f"(host {run.data.tags.get(N.TAG_DRIVER_HOST)}, pid {run.data.tags.get(N.TAG_DRIVER_PID)})")
     if run is None:
         raise UserError("--resume: no interrupted search run in this experiment"
                         + (f" for study {options.study_name!r}" if options.study_name else ""))
@@ -65,8 +67,10 @@ def plan(ctx: StageContext, options: SearchOptions, start_from: dict[str, Any] |
     tune_path = run.data.tags.get(N.TAG_TUNE_PATH)
     if not (tune_path and tune.Tuner.can_restore(tune_path)):
         raise UserError(f"--resume: the Tune experiment of run {run.info.run_id} ({tune_path}) cannot be restored")
-    # The restored Tune experiment keeps its own space, epochs and data; only the count is read back.
-    options = dataclasses.replace(options, trials=int(was.get("trials", options.trials)))
+    # The restored Tune experiment keeps its own space, epochs, seeds and searcher (and so its Optuna
+    # storage); the count and the storage are read back so this process agrees with it.
+    options = dataclasses.replace(options, trials=int(was.get("trials", options.trials)),
+                                  storage_url=was.get("optuna_storage", options.storage_url))
     return SearchPlan(options, run.data.tags[N.TAG_STUDY], None, run.info.run_id, tune_path)
 
 
@@ -129,11 +133,20 @@ def starting_point(config: dict[str, Any], space: dict[str, Any]) -> dict[str, A
     return point
 
 
-def _study_has_trials(optuna, url: str, name: str) -> bool:
+def check_study_is_new(options: SearchOptions, name: str | None = None) -> None:
+    """A new search must not reuse a study that has trials (that is what --resume is for)."""
+    import optuna
+
+    name = name or options.study_name
+    if not name:
+        return
     try:
-        return len(optuna.load_study(study_name=name, storage=url).trials) > 0
+        trials = len(optuna.load_study(study_name=name, storage=options.storage_url).trials)
     except KeyError:
-        return False
+        return
+    if trials:
+        raise UserError(f"Optuna study {name!r} already has trials in {options.storage_url}: "
+                        "pass --resume to continue it, or another --study-name")
 
 
 def optuna_plots(study, out: Path) -> list[Path]:
