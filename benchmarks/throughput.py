@@ -1,7 +1,7 @@
 """Training throughput: our tensor-resident trainer against the study notebook's DataLoader loop.
 
 Measures training images per second (forward + backward + Adam step) of the study's CNN
-(`build_model("cnn", dropout=0.3)`, Adam lr 1e-3, batch 32) in four rows, one after the other in
+(`build_model(ModelSpec("cnn", {"dropout": 0.3}))`, Adam lr 1e-3, batch 32) in four rows, one after the other in
 one process on the same machine:
 
   reference   the notebook's loop: torchvision ImageFolder over the extracted train/ folder,
@@ -41,7 +41,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from fer_model.data import DataConfig, Split, load  # noqa: E402
 from fer_model.model import build_model  # noqa: E402
-from fer_model.training import TrainConfig, make_optimizer, train_one_epoch  # noqa: E402
+from fer_model.config import ModelSpec, TrainConfig  # noqa: E402
+from fer_model.training import make_optimizer, train_one_epoch  # noqa: E402
 
 # Training FLOPs per image of the study CNN (multiply-add = 2 FLOP; backward ~ 2x forward):
 # forward = conv1 1.3M + conv2 84.9M + conv3 84.9M + fc 4.7M = 176 MFLOP; x3 = 0.53 GFLOP.
@@ -75,7 +76,7 @@ def time_reference(train_dir: Path, args, device: torch.device) -> list[float]:
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
                                          num_workers=args.workers)
     torch.manual_seed(0)
-    model = build_model("cnn", dropout=DROPOUT).to(device)
+    model = build_model(ModelSpec("cnn", {"dropout": DROPOUT})).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     criterion = nn.CrossEntropyLoss()
 
@@ -110,7 +111,7 @@ def time_reference(train_dir: Path, args, device: torch.device) -> list[float]:
 def time_ours(train: Split, cfg: TrainConfig, args, device: torch.device) -> list[float]:
     """Seconds per repeat of `train_one_epoch` over `args.images` images, set up as `fit` does."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, cfg.dropout, cfg.conv3_channels, cfg.hidden).to(device)
+    model = build_model(cfg.model).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model.parameters())
@@ -184,9 +185,9 @@ def run_rows(args, device: torch.device, env: dict, train_dir: Path) -> None:
     base = dict(arch="cnn", dropout=DROPOUT, optimizer="adam", lr=LR, batch_size=args.batch_size)
     rows = {
         "reference": lambda: time_reference(train_dir, args, device),
-        "ours-nchw": lambda: time_ours(train, TrainConfig(**base, channels_last=False, bf16=False), args, device),
-        "ours-fp32": lambda: time_ours(train, TrainConfig(**base, bf16=False), args, device),
-        "ours": lambda: time_ours(train, TrainConfig(**base), args, device),
+        "ours-nchw": lambda: time_ours(train, TrainConfig.from_dict({**base, "channels_last": False, "bf16": False}), args, device),
+        "ours-fp32": lambda: time_ours(train, TrainConfig.from_dict({**base, "bf16": False}), args, device),
+        "ours": lambda: time_ours(train, TrainConfig.from_dict(base), args, device),
     }
     results = []
     for name, measure in rows.items():
