@@ -89,8 +89,15 @@ def image_array(value: Any) -> np.ndarray:
 
 
 def image_batch(values: Iterable[Any]) -> torch.Tensor:
-    """Images as users hold them -> uint8 (N, 1, 48, 48), the form the data layer keeps images in."""
-    arrays = [image_array(v) for v in values]
+    """Images as users hold them -> uint8 (N, 1, 48, 48), the form the data layer keeps images in.
+
+    A value that is not an image raises ImageError naming its row (``row 1: not a readable image``)."""
+    arrays = []
+    for i, value in enumerate(values):
+        try:
+            arrays.append(image_array(value))
+        except ImageError as exc:
+            raise ImageError(f"row {i}: {exc}") from None
     if not arrays:
         return torch.zeros(0, 1, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
     return torch.from_numpy(np.stack(arrays)[:, None])

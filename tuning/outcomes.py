@@ -186,10 +186,3 @@ def best_row(rows: list[TrialRow]) -> TrialRow:
         raise UserError("no trial produced a validation accuracy; see the errors above")
     top = max(r.val_acc for r in pool)
     return next(r for r in pool if r.val_acc == top)
-
-
-def ties_at_top(rows: list[TrialRow]) -> list[TrialRow]:
-    """The trials that share the best trial's validation accuracy (the best one first)."""
-    best = best_row(rows)
-    return [best] + [r for r in rows if r is not best and r.history and r.val_acc == best.val_acc
-                     and (r.outcome == best.outcome or best.outcome != N.OUTCOME_COMPLETED)]

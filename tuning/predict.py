@@ -59,19 +59,18 @@ def image_files(paths: Sequence[Path]) -> list[Path]:
 
 
 def read_images(files: Sequence[Path]) -> tuple[list[str], list[bytes]]:
-    """The readable files as encoded bytes; the others skipped with one warning that names a few."""
+    """The readable files, decoded once, as the model's raw 48x48 input bytes; the others skipped
+    with one warning that names a few."""
     from fer_model.inputs import ImageError, image_array
 
     names, blobs, bad = [], [], []
     for f in files:
         try:
-            data = f.read_bytes()
-            image_array(data)  # readable as an image (or 48x48 raw grey levels)?
+            blobs.append(image_array(f.read_bytes()).tobytes())
         except (OSError, ImageError) as exc:
             bad.append(f"{f} ({first_line(exc)})")
             continue
         names.append(str(f))
-        blobs.append(data)
     if bad:
         log.warning("skipped %d unreadable file(s): %s%s", len(bad), "; ".join(bad[:3]), " ..." if len(bad) > 3 else "")
     return names, blobs

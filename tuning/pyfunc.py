@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from fer_model.config import CLASS_NAMES
-from fer_model.inputs import ImageError, image_array
+from fer_model.inputs import ImageError, image_batch
 
 IMAGE_COLUMN = "image"
 LABEL, EMOTION = "label", "emotion"
@@ -47,20 +47,13 @@ class FerClassifier(mlflow.pyfunc.PythonModel):
 
 def images_from_frame(frame: Any):
     """The ``image`` column as uint8 (N, 1, 48, 48); a bad value is a 400-class error naming its row."""
-    import torch
-
     if not isinstance(frame, pd.DataFrame) or IMAGE_COLUMN not in frame.columns:
         raise MlflowException(f"the input needs a column {IMAGE_COLUMN!r} of encoded images (base64 in JSON)",
                               error_code=INVALID_PARAMETER_VALUE)
-    arrays = []
-    for i, value in enumerate(frame[IMAGE_COLUMN]):
-        try:
-            arrays.append(image_array(value))
-        except ImageError as exc:
-            raise MlflowException(f"row {i}: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
-    if not arrays:
-        return torch.zeros(0, 1, 48, 48, dtype=torch.uint8)
-    return torch.from_numpy(np.stack(arrays)[:, None])
+    try:
+        return image_batch(frame[IMAGE_COLUMN])
+    except ImageError as exc:
+        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
 
 def member_probabilities(members: Sequence, images) -> np.ndarray:
