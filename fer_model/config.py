@@ -37,6 +37,8 @@ def _integer(x: Any) -> bool:
 CLASS_NAMES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SIZE = 48
+# Decoded sources kept in the data cache (about 83 MB each for the full set); older ones are dropped.
+DEFAULT_CACHE_MAX = 4
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class DataConfig:
     max_samples: int | None = None
     seed: int = 0
     cache_dir: str | None = None
+    cache_max: int = DEFAULT_CACHE_MAX  # cache entries kept, least recently used dropped beyond it
 
     def __post_init__(self) -> None:
         if not finite(self.val_fraction) or not 0.0 < self.val_fraction < 1.0:
@@ -56,6 +59,9 @@ class DataConfig:
             raise ConfigError(f"the data seed must be >= 0, got {self.seed}")
         if self.max_samples is not None and self.max_samples < 2 * NUM_CLASSES:
             raise ConfigError(f"max_samples must be at least {2 * NUM_CLASSES}, got {self.max_samples}")
+        if not _integer(self.cache_max) or self.cache_max < 1:
+            raise ConfigError(f"cache_max must be an integer >= 1, got {self.cache_max}")
+        object.__setattr__(self, "cache_max", int(self.cache_max))  # YAML and numpy may hand over 4.0
 
 
 # --------------------------------------------------------------------------- models

@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from fer_model.cli import Parser, add_train_flags, given, run_cli
-from fer_model.config import TrainConfig
+from fer_model.config import DEFAULT_CACHE_MAX, TrainConfig
 from fer_model.presets import PRESETS, STUDY_TEST_ACC
 
 FLAG_HELP = {
@@ -35,6 +35,8 @@ def build_parser() -> Parser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="stratified share of Training held out (default 0.1)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the validation split and subsets (default 0)")
     p.add_argument("--cache-dir", help="decoded-data cache (default $FER2013_CACHE or ~/.cache/fer2013)")
+    p.add_argument("--cache-max", type=int, metavar="N",
+                   help=f"keep at most N decoded sources in the cache, least recently used dropped (default {DEFAULT_CACHE_MAX})")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--out", help="output folder (default outputs/train-<preset>-<time>)")
@@ -50,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     values = dict(PRESETS.get(args.preset, {}))
     values.update(given(args, flat_keys()))
     cfg = TrainConfig.from_dict(values)
-    data_cfg = DataConfig(args.data, args.val_fraction, args.max_samples, args.data_seed, args.cache_dir)
+    cache_max = DEFAULT_CACHE_MAX if args.cache_max is None else args.cache_max
+    data_cfg = DataConfig(args.data, args.val_fraction, args.max_samples, args.data_seed, args.cache_dir, cache_max)
     return _train(args, cfg, data_cfg)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -143,6 +145,103 @@ def test_cache_is_used_and_never_stale(tmp_path, monkeypatch):
     assert (raw3.images == 7).all(axis=(1, 2)).sum() == 1
 
 
+def test_cache_keeps_cache_max_entries_and_drops_the_least_recently_used(tmp_path):
+    cache = tmp_path / "cache"
+    sources = [write_csv(tmp_path / f"fer2013-{i}.csv", 1, 1, seed=i) for i in range(5)]
+    entries = []
+    for i, src in enumerate(sources[:4]):
+        _, fp = D.read_cached(src, cache, progress=False, cache_max=4)
+        entries.append(D.cache_entry_path(cache, fp))
+        os.utime(entries[-1], (1e9 + i, 1e9 + i))  # a clear order whatever the clock's resolution: 0 oldest
+    # A hit on source 0 makes it the most recently used: source 1 is now the oldest.
+    D.load(D.DataConfig(path=str(sources[0]), cache_dir=str(cache), cache_max=4), progress=False)
+    assert entries[0].stat().st_mtime > 1e9 + 3
+    data = D.load(D.DataConfig(path=str(sources[4]), cache_dir=str(cache), cache_max=4), progress=False)
+    entries.append(D.cache_entry_path(cache, data.fingerprint))
+    assert sorted(cache.glob("fer2013-*.npz")) == sorted(entries[:1] + entries[2:])
+    # A smaller bound applies at the next write; the entry just written is always kept.
+    D.read_cached(sources[1], cache, progress=False, cache_max=1)
+    assert list(cache.glob("fer2013-*.npz")) == [entries[1]]
+
+
+def test_cache_info_and_clear_commands(tmp_path):
+    cache = tmp_path / "cache"
+    fps = [D.read_cached(write_csv(tmp_path / f"s{i}.csv", 1, 1, seed=i), cache, progress=False)[1] for i in range(2)]
+    names = [D.cache_entry_path(cache, fp).name for fp in fps]
+    (cache / "notes.txt").write_text("not the cache's")
+    (cache / "fer2013-mine.npz").write_bytes(b"nor this")
+    command = [sys.executable, "-m", "fer_model.data"]
+    env = {**os.environ, "FER2013_CACHE": str(cache)}
+
+    info = subprocess.run([*command, "--cache-info"], env=env, capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    assert str(cache) in info.stdout and all(name in info.stdout for name in names)
+    assert info.stdout.count("14 images (7 train, 7 test)") == 2 and "2 entries" in info.stdout
+    assert "notes.txt" not in info.stdout and "fer2013-mine.npz" not in info.stdout
+
+    size = sum((cache / name).stat().st_size for name in names)
+    env["FER2013_CACHE"] = str(tmp_path / "elsewhere")  # --cache-dir wins
+    clear = subprocess.run([*command, "--cache-clear", "--cache-dir", str(cache)], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert clear.returncode == 0, clear.stderr
+    assert "removed 2 cache entries" in clear.stdout and f"({size} bytes)" in clear.stdout
+    assert sorted(p.name for p in cache.iterdir()) == ["fer2013-mine.npz", "notes.txt"]
+
+    bad = subprocess.run([*command, "--cache-size"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "error" in bad.stderr
+
+
+def _wrong_images(a):
+    a["images"] = a["images"][:, :24]
+
+
+def _short_labels(a):
+    a["labels"] = a["labels"][:-1]
+
+
+def _no_test_part(a):
+    a["usage"] = np.zeros_like(a["usage"])
+
+
+def _other_fingerprint(a):
+    a["fingerprint"] = np.array("0" * 64)
+
+
+def _written_by_older_code(a):
+    del a["fingerprint"], a["format"]
+
+
+@pytest.mark.parametrize("spoil, problem", [
+    (_wrong_images, "images are uint8 (14, 24, 48), expected uint8 (n, 48, 48)"),
+    (_short_labels, "labels are int64 (13,), expected integers (14,)"),
+    (_no_test_part, "no test images"),
+    (_other_fingerprint, "stored fingerprint 0000000000000000..."),
+    (_written_by_older_code, "missing array(s) fingerprint, format"),
+], ids=["image-shape", "label-count", "no-test-part", "fingerprint", "older-format"])
+def test_a_wrong_cache_entry_is_discarded_and_rewritten(tmp_path, caplog, spoil, problem):
+    src = write_csv(tmp_path / "fer2013.csv", 1, 1)
+    cache = tmp_path / "cache"
+    good, fp = D.read_cached(src, cache, progress=False)
+    entry = D.cache_entry_path(cache, fp)
+    with np.load(entry) as z:
+        arrays = dict(z)
+    spoil(arrays)
+    np.savez(entry, **arrays)  # a valid .npz, but not what its name promises
+
+    with caplog.at_level(logging.WARNING, logger="fer_model.data"):
+        raw, _ = D.read_cached(src, cache, progress=False)
+    assert f"cache entry {entry} is invalid ({problem}" in caplog.text
+    for got, want in zip((raw.images, raw.labels, raw.usage), (good.images, good.labels, good.usage)):
+        np.testing.assert_array_equal(got, want)
+    D.split_dataset(raw, D.DataConfig(), source=str(src))  # what used to fail, blaming the source
+    with np.load(entry) as z:
+        assert z["images"].shape == good.images.shape and str(z["fingerprint"]) == fp
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fer_model.data"):
+        D.read_cached(src, cache, progress=False)
+    assert "cache entry" not in caplog.text
+
+
 def test_split_is_stratified_seeded_and_keeps_halves(tiny_folder):
     raw, _ = D.read_cached(tiny_folder, progress=False)
     a = D.split_dataset(raw, D.DataConfig(val_fraction=0.25, seed=3))
@@ -180,6 +279,8 @@ def test_bad_data_config():
         D.DataConfig(val_fraction=1.0)
     with pytest.raises(ConfigError):
         D.DataConfig(max_samples=3)
+    with pytest.raises(ConfigError, match="cache_max"):
+        D.DataConfig(cache_max=0)
 
 
 @requires_shared(SHARED_TARBALL)
