@@ -36,7 +36,8 @@ def timed(fn):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)  # no abbreviated flags, like every CLI here
     p.add_argument("--data", default=DEFAULT_DATA, help="FER2013 source (default: %(default)s)")
     args = p.parse_args()
 

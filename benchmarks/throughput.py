@@ -145,7 +145,8 @@ def cpu_model() -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)  # --image must not pass for --images
     p.add_argument("--data", default=DEFAULT_DATA, help="the Kaggle FER2013 .tar.gz (default: %(default)s)")
     p.add_argument("--extract-dir", type=Path, help="where train/ is (or is extracted to); default a temp dir")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

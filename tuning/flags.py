@@ -12,7 +12,7 @@ import argparse
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,18 +41,25 @@ def _or(value: Any, default: Any) -> Any:
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
+    from fer_model.config import DEFAULT_CACHE_MAX
+
     g = p.add_argument_group("data")
     g.add_argument("--data", help="FER2013 folder, .zip, .tar.gz or .csv (else $FER2013_DATA, ./data/fer2013, kagglehub)")
     g.add_argument("--max-samples", type=int, help="use a stratified subset of this many Training images (test cut alike)")
     g.add_argument("--val-fraction", type=float, help="stratified share of Training for validation (default 0.1)")
     g.add_argument("--data-seed", type=int, help="seed of the validation split and subsets (default 0)")
     g.add_argument("--cache-dir", help="decoded-data cache (default $FER2013_CACHE or ~/.cache/fer2013)")
+    g.add_argument("--cache-max", type=int, metavar="N",
+                   help=f"keep at most N decoded sources in the cache, least recently used dropped (default {DEFAULT_CACHE_MAX})")
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
+    from fer_model.config import DEFAULT_CACHE_MAX
+
     if args.data and not Path(args.data).expanduser().exists():
         raise DataError(f"--data {args.data!r} does not exist")
-    return DataConfig(args.data, _or(args.val_fraction, 0.1), args.max_samples, _or(args.data_seed, 0), args.cache_dir)
+    return DataConfig(args.data, _or(args.val_fraction, 0.1), args.max_samples, _or(args.data_seed, 0), args.cache_dir,
+                      _or(args.cache_max, DEFAULT_CACHE_MAX))
 
 
 # --------------------------------------------------------------------------- tracking
@@ -167,6 +174,32 @@ def keep_local_ray_on_loopback(cluster: ClusterOptions) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+def check_ray_address(address: str, source: str = "--address", timeout: float = 3.0) -> None:
+    """Raise a UserError unless something listens at the Ray cluster `address` (``HOST:PORT`` or
+    ``ray://HOST:PORT``; ``auto`` and ``local`` are left to Ray).
+
+    Without this, ray.init retries a dead GCS for minutes, printing C++ connection warnings.
+    A TCP connect proves only that a port is open, which is all this check claims.
+    """
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address[len("ray://"):] if address.startswith("ray://") else address
+    hostport = hostport.split("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"{source} {address!r}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else first_line(exc)
+        raise UserError(f"no Ray cluster at {source} {address} ({reason}): start one with `python -m cluster.local up` "
+                        "or `ray start --head --node-ip-address 127.0.0.1`, or drop the address for a local Ray") from None
+
+
 def cluster_options(args: argparse.Namespace) -> ClusterOptions:
     if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
         raise ConfigError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
@@ -180,8 +213,10 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
     shared = bool(args.storage_shared) or (not args.storage and os.environ.get("FER_TUNE_STORAGE_SHARED") == "1")
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
-    return ClusterOptions(args.address or os.environ.get("RAY_ADDRESS") or None, storage, shared,
-                          args.gpus_per_trial, cpus, args.max_concurrent)
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    if address:  # before Ray starts: ray.init on a dead address hangs for minutes
+        check_ray_address(address, "--address" if args.address else "RAY_ADDRESS")
+    return ClusterOptions(address, storage, shared, args.gpus_per_trial, cpus, args.max_concurrent)
 
 
 # --------------------------------------------------------------------------- the final stage
@@ -293,6 +328,15 @@ class SearchOptions:
     sampler_seed: int = 0  # TPE's
     train_seed: int = 0
     start_from: str | None = None  # a grid or search run id, or LATEST_GRID: its best config is trial 1
+    given: Mapping[str, str] = field(default_factory=dict, compare=False)  # with resume: flag -> key to check
+
+    def stored(self) -> dict[str, Any]:
+        """What a search run keeps for --resume (and a grid chain for its search)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("resume", "given", "start_from")}
+
+    @classmethod
+    def from_stored(cls, d: Mapping[str, Any]) -> "SearchOptions":
+        return cls(**{**d, "scheduler": SchedulerSettings(**d["scheduler"])})
 
 
 def add_search_flags(p: argparse.ArgumentParser, in_grid: bool = False) -> None:
@@ -314,23 +358,26 @@ def add_search_flags(p: argparse.ArgumentParser, in_grid: bool = False) -> None:
         g.add_argument("--resume", action="store_true", default=None, help="continue an interrupted search without repeating finished trials")
 
 
-# What a resumed search keeps from its first start, whatever the flags say.
-FIXED_ON_RESUME = {"search_trials": "--trials", "space": "--space", "search_epochs": "--epochs", "search_scheduler": "--scheduler",
-                   "search_grace_period": "--grace-period", "search_reduction_factor": "--reduction-factor",
-                   "time_budget": "--time-budget", "start_from": "--start-from", "search_seed": "--search-seed",
-                   "seed": "--seed", "max_concurrent": "--max-concurrent", "storage": "--storage",
-                   "optuna_storage": "--optuna-storage"}
+# A resumed search keeps what it started with: these flags, given again, must say the same
+# (argparse dest -> (flag, key in `SearchOptions.stored()` or the cluster's)).
+SEARCH_RESUME_KEYS = {
+    "search_trials": ("--trials", "trials"), "search_epochs": ("--epochs", "epochs"), "space": ("--space", "space"),
+    "search_scheduler": ("--scheduler", "scheduler.kind"), "search_grace_period": ("--grace-period", "scheduler.grace_period"),
+    "search_reduction_factor": ("--reduction-factor", "scheduler.reduction_factor"),
+    "time_budget": ("--time-budget", "time_budget"), "optuna_storage": ("--optuna-storage", "storage_url"),
+    "search_seed": ("--search-seed", "sampler_seed"), "seed": ("--seed", "train_seed"),
+    "max_concurrent": ("--max-concurrent", "max_concurrent")}
 
 
 def search_options(args: argparse.Namespace, tracking_uri: str, trials: int | None = None, train_seed: int = 0) -> SearchOptions:
     """Validate the search flags (the space file included) before anything starts."""
     from tuning.spaces import DEFAULT_SEARCH_SPACE, load_space, validate_space
 
+    from tuning.resume import given_flags
+
     resume = bool(getattr(args, "resume", None))
-    if resume:
-        given = [flag for dest, flag in FIXED_ON_RESUME.items() if getattr(args, dest, None) is not None]
-        if given:
-            raise ConfigError(f"{', '.join(given)} cannot change a resumed search: it keeps what it started with")
+    if resume and getattr(args, "start_from", None):
+        raise ConfigError("--start-from does not apply with --resume: a resumed search keeps its start")
     trials = _or(trials if trials is not None else getattr(args, "search_trials", None), DEFAULT_TRIALS)
     if trials < 1:
         raise ConfigError(f"the number of trials must be >= 1, got {trials}")
@@ -343,7 +390,8 @@ def search_options(args: argparse.Namespace, tracking_uri: str, trials: int | No
     in_grid = not hasattr(args, "start_from")
     return SearchOptions(trials, epochs, space, scheduler_settings(args, "search_", "asha", "search-" if in_grid else ""),
                          optuna_storage_url(args.optuna_storage, tracking_uri), args.study_name, resume, args.time_budget,
-                         _or(args.search_seed, 0), train_seed, getattr(args, "start_from", None))
+                         _or(args.search_seed, 0), train_seed, getattr(args, "start_from", None),
+                         given_flags(args, SEARCH_RESUME_KEYS) if resume else {})
 
 
 def optuna_storage_url(flag: str | None, tracking_uri: str) -> str:

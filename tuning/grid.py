@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from typing import Sequence
 
@@ -21,14 +22,30 @@ QUICK = {"max_samples": 3000, "epochs": 4, "final_epochs": 4}
 FIXED_FLAGS = ("batch_size", "optimizer", "epochs", "schedule", "seed")
 CHAIN_FLAGS = ("search_epochs", "search_scheduler", "search_grace_period", "search_reduction_factor", "space",
                "time_budget", "optuna_storage", "study_name", "search_seed")  # the search after the grid
+# What a resumed grid keeps: argparse dest -> (flag, key in its stored inputs and chain).
+RESUME_KEYS = {
+    **{d: (f"--{d.replace('_', '-')}", f"inputs.fixed.{d}") for d in FIXED_FLAGS},
+    "dropouts": ("--dropouts", "inputs.dropouts"), "lrs": ("--lrs", "inputs.lrs"),
+    "grid_scheduler": ("--scheduler", "inputs.scheduler.kind"),
+    "grid_grace_period": ("--grace-period", "inputs.scheduler.grace_period"),
+    "grid_reduction_factor": ("--reduction-factor", "inputs.scheduler.reduction_factor"),
+    "search_trials": ("--search-trials", "chain.search.trials"),
+    **{d: (f"--{d.replace('_', '-')}", f"chain.search.{k}") for d, k in (
+        ("search_epochs", "epochs"), ("space", "space"), ("time_budget", "time_budget"),
+        ("optuna_storage", "storage_url"), ("study_name", "study_name"), ("search_seed", "sampler_seed"),
+        ("search_scheduler", "scheduler.kind"), ("search_grace_period", "scheduler.grace_period"),
+        ("search_reduction_factor", "scheduler.reduction_factor"))},
+    "final_epochs": ("--final-epochs", "chain.final.epochs"), "no_final": ("--no-final", "chain.final.enabled"),
+    "device": ("--device", "chain.final.device"), "promote": ("--promote", "chain.final.promote"),
+    "max_concurrent": ("--max-concurrent", "chain.max_concurrent")}
 
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m tuning.grid", description="The study's grid (dropout x lr) on Ray Tune, tracked in MLflow, then a final retrain.")
     g = p.add_argument_group("grid")
     dropouts, lrs = (",".join(f"{v:g}" for v in STUDY_GRID[k]) for k in ("dropout", "lr"))
-    g.add_argument("--dropouts", default=dropouts, help=f"comma-separated dropout values (default {dropouts})")
-    g.add_argument("--lrs", default=lrs, help=f"comma-separated learning rates (default {lrs})")
+    g.add_argument("--dropouts", help=f"comma-separated dropout values (default {dropouts})")
+    g.add_argument("--lrs", help=f"comma-separated learning rates (default {lrs})")
     g.add_argument("--batch-size", type=int, help=f"batch size (default {GRID_FIXED['batch_size']})")
     g.add_argument("--optimizer", help=f"one of {', '.join(OPTIMIZERS)} (default {GRID_FIXED['optimizer']})")
     g.add_argument("--epochs", type=int, help=f"epochs per trial (default {GRID_FIXED['epochs']})")
@@ -39,6 +56,9 @@ def build_parser() -> Parser:
                    help=f"a small, fast run of the whole pipeline ({', '.join(f'{k}={v}' for k, v in QUICK.items())}; flags override)")
     g.add_argument("--search-trials", type=int,
                    help="then run this many Optuna search trials started from the grid's best, and one final stage")
+    g.add_argument("--resume", action="store_true", default=None,
+                   help="continue the latest interrupted grid (and its search and final stage) where it stopped; "
+                        "flags given again must have the values it started with")
     flags.add_search_flags(p, in_grid=True)
     flags.add_common_flags(p)
     return p
@@ -53,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fixed = {**GRID_FIXED, "seed": 0, **given(args, FIXED_FLAGS)}
     from tuning.stages.grid import GridInputs  # after the flags: --help and bad flags answer at once
 
-    inputs = GridInputs(fixed, flags.floats(args.dropouts), flags.floats(args.lrs),
+    inputs = GridInputs(fixed, flags.floats(args.dropouts or ",".join(map(str, STUDY_GRID["dropout"]))),
+                        flags.floats(args.lrs or ",".join(map(str, STUDY_GRID["lr"]))),
                         flags.scheduler_settings(args, "grid_", "none"))
     then = None
     chain = [f"--{d.replace('_', '-')}" for d in CHAIN_FLAGS if getattr(args, d) is not None]
@@ -64,8 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--search-trials must be >= 1, got {args.search_trials}")
         then = flags.search_options(args, opts.tracking.uri, trials=args.search_trials, train_seed=fixed["seed"])
     from tuning import pipeline
+    from tuning.resume import given_flags
 
-    pipeline.tune_grid(opts, inputs, then)
+    # Ctrl-C or a crash: the same command with --resume continues it (same values are accepted).
+    argv = list(sys.argv[1:] if argv is None else argv)
+    again = shlex.join(["python", "-m", "tuning.grid", *argv, *([] if args.resume else ["--resume"])])
+    if args.resume:
+        pipeline.resume_grid(opts, inputs, then, given_flags(args, RESUME_KEYS), again)
+    else:
+        pipeline.tune_grid(opts, inputs, then, again)
     return 0
 
 

@@ -10,6 +10,10 @@ STAGE_GRID, STAGE_SEARCH, STAGE_TRIAL, STAGE_FINAL = "grid", "search", "trial", 
 TAG_TRIAL_ID = "tune_trial_id"
 TAG_STUDY = "optuna_study"
 TAG_TUNE_PATH = "tune_experiment_path"  # where Tune keeps a stage's state, for --resume
+TAG_STAGE_INPUTS = "stage_inputs"  # JSON of a grid's typed inputs: what a --resume keeps
+TAG_CHAIN = "chain"  # JSON, on a grid run: the stages that follow it (search, final)
+TAG_CHAIN_DONE = "chain_done"  # on a grid run: every stage of its chain finished
+TAG_CHAINED_FROM = "chained_from"  # on a search run a grid chain started: the grid run's id
 
 # How a trial ended: set once, by the driver (tuning.outcomes), never by the trial itself.
 TAG_OUTCOME = "outcome"
@@ -27,6 +31,7 @@ BEST_PARAM_PREFIX = "best."
 # Where the driver runs, so a later command can tell a live run from one whose driver died.
 TAG_DRIVER_HOST = "driver_host"
 TAG_DRIVER_PID = "driver_pid"
+TAG_DRIVER_PID_NS = "driver_pid_namespace"  # Linux: which process ids the pid is one of
 TAG_DRIVER_STARTED = "driver_started"  # the driver process's start time (tells a reused pid apart)
 TAG_HEARTBEAT = "driver_heartbeat"  # epoch seconds, refreshed while the driver lives
 

@@ -17,7 +17,7 @@ from typing import Iterable
 from mlflow.tracking import MlflowClient
 
 from tuning import names as N
-from tuning.tracking import HEARTBEAT_SECONDS, process_start_time, set_tags
+from tuning.tracking import HEARTBEAT_SECONDS, pid_namespace, process_start_time, set_tags
 
 log = logging.getLogger(__name__)
 STALE_AFTER = 5 * HEARTBEAT_SECONDS  # another host's driver: silent this long means gone
@@ -33,8 +33,9 @@ def driver_alive(tags: dict[str, str], now: float | None = None) -> bool:
         started = process_start_time(int(tags[N.TAG_DRIVER_PID]))
         if started > 0 and abs(started - float(tags.get(N.TAG_DRIVER_STARTED, started))) < 2:
             return True
-        # No such process here; a fresh heartbeat still means alive (containers can share a
-        # hostname but not their process ids).
+        if tags.get(N.TAG_DRIVER_PID_NS) and tags[N.TAG_DRIVER_PID_NS] == pid_namespace():
+            return False  # the same process ids as ours, and that process is gone: dead, however fresh its heartbeat
+        # Another pid namespace (a container sharing this hostname): a fresh heartbeat means alive.
         return silent < 2 * HEARTBEAT_SECONDS
     return silent < STALE_AFTER
 

@@ -8,8 +8,11 @@ a typed result; the next stage is built from it. A run's status is set in one pl
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from mlflow.entities.model_registry import ModelVersion
@@ -19,7 +22,9 @@ from fer_model.errors import UserError, first_line
 from fer_model.evaluate import describe_test
 from fer_model.presets import STUDY_TEST_ACC
 from tuning import names as N
-from tuning import report
+from tuning import report, resume
+from tuning.outcomes import TrialRow
+from tuning.resume import to_json
 from tuning.orphans import settle_orphans
 from tuning.flags import LATEST_GRID, CommonOptions, FinalOptions, SearchOptions
 from tuning.stages import StageContext, StageResult
@@ -29,7 +34,8 @@ from tuning.stages import register as register_step
 from tuning.stages import search as search_stage
 from tuning.stages.final import FinalInputs, FinalResult
 from tuning.stages.grid import GridInputs
-from tuning.tracking import client_for, create_run, ensure_experiment, latest_stage_run, read_best_config, tracked_run
+from tuning.tracking import (client_for, create_run, ensure_experiment, latest_stage_run, read_best_config, set_tags,
+                             tracked_run)
 
 
 @contextmanager
@@ -53,22 +59,35 @@ def session(opts: CommonOptions, with_ray: bool = True, experiment_id: str | Non
 # --------------------------------------------------------------------------- one stage each, its run owned here
 
 
-def grid(ctx: StageContext, inputs: GridInputs) -> StageResult:
+def grid(ctx: StageContext, inputs: GridInputs, run_id: str, restore_path: str | None = None) -> StageResult:
+    """The grid under its run `run_id` (see `new_grid_run`); given `restore_path`, its Tune state continued."""
+    with tracked_run(ctx.client, run_id):
+        return grid_stage.run(ctx, run_id, inputs, restore_path)
+
+
+def new_grid_run(ctx: StageContext, inputs: GridInputs, chain: "Chain") -> str:
+    """A grid run recording what a --resume needs: its inputs, its chain, where Tune keeps its state."""
     from tuning.runner import cluster_params
 
-    run_id = create_run(ctx.client, ctx.experiment_id, "grid", {N.TAG_STAGE: N.STAGE_GRID},
+    run_id = create_run(ctx.client, ctx.experiment_id, "grid",
+                        {N.TAG_STAGE: N.STAGE_GRID, N.TAG_STAGE_INPUTS: to_json(inputs.to_dict()), N.TAG_CHAIN: to_json(chain.to_dict())},
                         {**grid_stage.params(ctx, inputs), **cluster_params()})
-    with tracked_run(ctx.client, run_id):
-        return grid_stage.run(ctx, run_id, inputs)
+    set_tags(ctx.client, run_id, {N.TAG_TUNE_PATH: grid_stage.tune_path(ctx, run_id)})
+    return run_id
 
 
-def search(ctx: StageContext, options: SearchOptions, start_config: dict[str, Any] | None) -> StageResult:
+def search(ctx: StageContext, options: SearchOptions, start_config: dict[str, Any] | None,
+           chained_from: str | None = None) -> StageResult:
+    """A new search (or, with `options.resume`, the interrupted one) in its own run."""
     from tuning.runner import cluster_params
 
     plan = search_stage.plan(ctx, options, start_config)
-    run_id = plan.run_id or create_run(
-        ctx.client, ctx.experiment_id, f"search {plan.study_name}",
-        {**plan.tags(), N.TAG_TUNE_PATH: search_stage.tune_path(ctx, plan)}, {**search_stage.params(ctx, plan), **cluster_params()})
+    tags = {**plan.tags(), N.TAG_TUNE_PATH: search_stage.tune_path(ctx, plan),
+            N.TAG_STAGE_INPUTS: to_json(search_stage.stored_inputs(ctx, plan.options))}
+    if chained_from:
+        tags[N.TAG_CHAINED_FROM] = chained_from
+    run_id = plan.run_id or create_run(ctx.client, ctx.experiment_id, f"search {plan.study_name}", tags,
+                                       {**search_stage.params(ctx, plan), **cluster_params()})
     with tracked_run(ctx.client, run_id):
         return search_stage.run(ctx, run_id, plan)
 
@@ -102,33 +121,123 @@ def describe_final(result: FinalResult, version: ModelVersion | None, study_acc:
 # --------------------------------------------------------------------------- the commands
 
 
-def tune_grid(opts: CommonOptions, inputs: GridInputs, then_search: SearchOptions | None = None) -> StageResult:
+@dataclass(frozen=True)
+class Chain:
+    """What follows the grid in `tuning.grid`: a search (with --search-trials), then the final stage.
+
+    Recorded on the grid run (tag `chain`), so that `--resume` continues at the stage where it stopped.
+    """
+
+    search: SearchOptions | None
+    final: FinalOptions
+    max_concurrent: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"search": self.search.stored() if self.search else None, "final": dataclasses.asdict(self.final),
+                "max_concurrent": self.max_concurrent}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Chain":
+        search = SearchOptions.from_stored(d["search"]) if d.get("search") else None
+        return cls(search, FinalOptions(**d["final"]), d.get("max_concurrent"))
+
+
+def tune_grid(opts: CommonOptions, inputs: GridInputs, then_search: SearchOptions | None = None,
+              resume_command: str = "python -m tuning.grid --resume") -> StageResult:
     """`tuning.grid`: the grid, then (with --search-trials) a search started from its best, then one final."""
     if then_search is not None:  # a study-name clash is found now, not after hours of grid
         search_stage.check_study_is_new(then_search)
-
-    def stages(ctx: StageContext) -> StageResult:
-        result = grid(ctx, inputs)
-        return search(ctx, then_search, result.best.config) if then_search is not None else result
-
-    return _trials_then_final(opts, stages)
+    chain = Chain(then_search, opts.final, opts.cluster.max_concurrent)
+    return _command(opts, lambda ctx: _continue_chain(ctx, new_grid_run(ctx, inputs, chain), inputs, chain),
+                    resume_command)
 
 
-def tune_search(opts: CommonOptions, options: SearchOptions) -> StageResult:
+def resume_grid(opts: CommonOptions, asked: GridInputs, asked_search: SearchOptions | None, given: dict[str, str],
+                resume_command: str = "python -m tuning.grid --resume") -> StageResult:
+    """`tuning.grid --resume`: the latest unfinished grid chain, continued at the stage where it stopped.
+
+    Its inputs and chain are those it started with; `given` flags (flag -> key) must agree with them.
+    """
+    def body(ctx: StageContext) -> StageResult:
+        runs = ctx.client.search_runs([ctx.experiment_id], f"tags.`{N.TAG_STAGE}` = '{N.STAGE_GRID}'",
+                                      max_results=50, order_by=["attributes.start_time DESC"])
+        run = next((r for r in runs if not resume.stage_done(r)), None)
+        if run is None:
+            raise UserError(f"--resume: no interrupted grid in experiment {ctx.tracking.experiment!r}")
+        run_id, tags = run.info.run_id, run.data.tags
+        started = {"inputs": json.loads(tags.get(N.TAG_STAGE_INPUTS) or "{}"), "chain": json.loads(tags.get(N.TAG_CHAIN) or "{}")}
+        if not started["inputs"] or not started["chain"]:
+            raise UserError(f"--resume: grid run {run_id} was started by an older version that cannot be resumed; run the grid again")
+        chain = Chain.from_dict(started["chain"])
+        resume.check_unchanged(run_id, started, {"inputs": asked.to_dict(), "chain": Chain(asked_search, opts.final, opts.cluster.max_concurrent).to_dict()}, given)
+        resume.check_can_continue(ctx, run, "grid")
+        print(f"resuming grid run {run_id} ({run.info.status.lower()})")
+        return _continue_chain(ctx, run_id, GridInputs.from_dict(started["inputs"]), chain, restore=True)
+
+    return _command(opts, body, resume_command)
+
+
+def _continue_chain(ctx: StageContext, grid_run_id: str, inputs: GridInputs, chain: Chain, restore: bool = False) -> StageResult:
+    """The grid chain from wherever it is: each stage runs unless it finished before (on a --resume)."""
+    run = ctx.client.get_run(grid_run_id)
+    if restore and run.info.status == "FINISHED":
+        result = _finished_stage(ctx, run)
+    else:
+        result = grid(ctx, inputs, grid_run_id, run.data.tags[N.TAG_TUNE_PATH] if restore else None)
+    if chain.search is not None:
+        found = latest_stage_run(ctx.client, ctx.experiment_id, N.STAGE_SEARCH, f"tags.`{N.TAG_CHAINED_FROM}` = '{grid_run_id}'")
+        if found is None:
+            result = search(ctx, chain.search, result.best.config, chained_from=grid_run_id)
+        elif found.info.status == "FINISHED":
+            result = _finished_stage(ctx, found)
+        else:
+            options = dataclasses.replace(chain.search, resume=True, study_name=found.data.tags[N.TAG_STUDY])
+            result = search(ctx, options, None, chained_from=grid_run_id)
+    if chain.final.enabled and not (restore and _final_done(ctx, result.parent_run_id)):
+        final(ctx, chain.final, result.parent_run_id, result.best.config, result.best.run_id)
+    set_tags(ctx.client, grid_run_id, {N.TAG_CHAIN_DONE: "true"})
+    return result
+
+
+def _finished_stage(ctx: StageContext, run) -> StageResult:
+    """A stage that finished in an earlier command: its recorded best, for the stages after it."""
+    tags = run.data.tags
+    print(f"{tags[N.TAG_STAGE]} run {run.info.run_id} finished before: its best is kept")
+    best = TrialRow("", read_best_config(ctx.client, run.info.run_id), N.OUTCOME_COMPLETED,
+                    run_id=tags.get(N.TAG_BEST_TRIAL_RUN) or None)
+    return StageResult(tags[N.TAG_STAGE], run.info.run_id, [best], best, tags.get(N.TAG_STUDY))
+
+
+def _final_done(ctx: StageContext, source_run_id: str) -> bool:
+    query = f"tags.`{N.TAG_PARENT}` = '{source_run_id}' and tags.`{N.TAG_STAGE}` = '{N.STAGE_FINAL}'"
+    return any(r.info.status == "FINISHED" for r in ctx.client.search_runs([ctx.experiment_id], query, max_results=20))
+
+
+def tune_search(opts: CommonOptions, options: SearchOptions, resume_command: str = "python -m tuning.search --resume") -> StageResult:
     """`tuning.search`: a search (new, started from a stage's best, or resumed), then one final."""
-    def stages(ctx: StageContext) -> StageResult:
-        return search(ctx, options, start_config(ctx, options.start_from) if options.start_from else None)
-
-    return _trials_then_final(opts, stages, f"; optuna-dashboard {options.storage_url}")
-
-
-def _trials_then_final(opts: CommonOptions, stages: Callable[[StageContext], StageResult], inspect: str = "") -> StageResult:
-    """The trial stages, then the final stage and registration from the last one's best."""
-    t0 = time.perf_counter()
-    with session(opts) as ctx:
-        result = stages(ctx)
+    def body(ctx: StageContext) -> StageResult:
+        result = search(ctx, options, start_config(ctx, options.start_from) if options.start_from else None)
         if opts.final.enabled:
-            final(ctx, opts.final, result.parent_run_id, result.best.config, result.best.run_id)
+            try:
+                final(ctx, opts.final, result.parent_run_id, result.best.config, result.best.run_id)
+            except KeyboardInterrupt as exc:  # the search is done: only the final stage is left
+                raise KeyboardInterrupt(f"{exc or 'interrupted'}; continue with: python -m tuning.final "
+                                        f"--run-id {result.parent_run_id}") from None
+        return result
+
+    return _command(opts, body, resume_command, f"; optuna-dashboard {options.storage_url}")
+
+
+def _command(opts: CommonOptions, body: Callable[[StageContext], StageResult], resume_command: str,
+             inspect: str = "") -> StageResult:
+    """A tuning command: the session, its stages, the closing lines; Ctrl-C says what continues it."""
+    t0 = time.perf_counter()
+    try:
+        with session(opts) as ctx:
+            result = body(ctx)
+    except KeyboardInterrupt as exc:
+        text = str(exc) or "interrupted"
+        raise KeyboardInterrupt(text if "continue with:" in text else f"{text}; continue with: {resume_command}") from None
     print(f"wall time {time.perf_counter() - t0:.0f} s; {result.stage} run {result.parent_run_id}")
     print(f"inspect: {report.mlflow_ui_command(opts.tracking.uri)}{inspect}")
     return result

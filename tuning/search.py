@@ -9,6 +9,7 @@ lr, dropout and weight decay, with ASHA early stopping, a resumable study, and i
 
 from __future__ import annotations
 
+import shlex
 import sys
 from typing import Sequence
 
@@ -32,7 +33,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = flags.search_options(args, opts.tracking.uri, train_seed=args.seed or 0)
     from tuning import pipeline  # after the flags: --help and bad flags answer at once
 
-    pipeline.tune_search(opts, options)
+    # Ctrl-C or a crash: the same command with --resume continues it (a resumed search keeps its start).
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--start-from" in argv:
+        i = argv.index("--start-from")
+        del argv[i:i + 2]
+    again = shlex.join(["python", "-m", "tuning.search", *argv, *([] if options.resume else ["--resume"])])
+    pipeline.tune_search(opts, options, again)
     return 0
 
 

@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -28,9 +28,55 @@ _BATCH = 900  # log_batch accepts at most 1,000 metrics per call
 HEARTBEAT_SECONDS = 30.0
 
 
+_READY: set[Path] = set()  # sqlite stores this process has seen created (or created itself)
+_READY_LOCK = threading.Lock()
+
+
 def client_for(uri: str) -> MlflowClient:
-    """A client for `uri`, its registry included (else MLflow would use the process-wide registry URI)."""
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    """A client for `uri`, its registry included (else MLflow would use the process-wide registry URI).
+
+    A new sqlite store is created (its tables migrated) under a file lock: see `_sqlite_first_use`.
+    """
+    db = sqlite_path(uri)
+    with _sqlite_first_use(db) if db is not None else nullcontext(False) as first:
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # opens the tracking store already
+        if first:  # every store MLflow opens lazily, opened now, while the lock is held
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
+    return client
+
+
+@contextmanager
+def _sqlite_first_use(db: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``<db>.lock`` while this process first opens the sqlite store `db`
+    (yields True then; False once it has, or when no lock file can be made).
+
+    MLflow creates a store's tables by running its alembic migrations when a client first opens it,
+    with no lock of its own: two commands started together on a new file both migrate, and the
+    slower one dies ("Online migration expected to match one row ... in 'alembic_version'; 0 found").
+    With the lock the second waits, then finds the tables made. The lock file stays: deleting it
+    would let a waiter hold a lock on a file nobody else opens.
+    """
+    import fcntl
+
+    key = db.resolve()
+    with _READY_LOCK:  # one thread of this process does it; the others wait here
+        if key in _READY:
+            yield False
+            return
+        try:
+            lock = open(f"{key}.lock", "a")
+        except OSError as exc:  # a missing or read-only folder: MLflow's own error will say so
+            log.debug("no lock file beside %s: %s", db, exc)
+            lock = None
+        if lock is None:
+            yield False
+            return
+        with lock:  # closing the file releases the flock
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _sqlite_wal(db)  # before the tables: the file is in WAL mode from its first write
+            yield True
+        _READY.add(key)
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
@@ -122,9 +168,17 @@ def latest_stage_run(client: MlflowClient, experiment_id: str, stage: str, extra
 
 
 def driver_tags() -> dict[str, str]:
-    """Who runs this stage: host, pid and the process's start time (a reused pid has another)."""
-    return {N.TAG_DRIVER_HOST: socket.gethostname(), N.TAG_DRIVER_PID: str(os.getpid()),
+    """Who runs this stage: host, pid namespace, pid and the process's start time (a reused pid has another)."""
+    return {N.TAG_DRIVER_HOST: socket.gethostname(), N.TAG_DRIVER_PID_NS: pid_namespace(), N.TAG_DRIVER_PID: str(os.getpid()),
             N.TAG_DRIVER_STARTED: f"{process_start_time(os.getpid()):.0f}", N.TAG_HEARTBEAT: f"{time.time():.0f}"}
+
+
+def pid_namespace() -> str:
+    """This process's pid namespace ("pid:[4026531836]"; "" off Linux): containers sharing a hostname differ here."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def process_start_time(pid: int) -> float:

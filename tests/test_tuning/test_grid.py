@@ -117,7 +117,7 @@ def test_grid_against_a_real_mlflow_server(ray_session, workdir, tiny_folder, ml
     (["--device", "tpu"], "--device 'tpu'"),
     (["--tracking-uri", "mlruns"], "cannot be used"),
     (["--data-seed", "-1"], "data seed must be >= 0"),
-    (["--search-trials", "3", "--resume"], "unrecognized arguments: --resume"),
+    (["--resume", "--start-from", "x"], "unrecognized arguments: --start-from x"),
     (["--search-epochs", "3"], "--search-epochs only apply with --search-trials"),
     (["--grace-period", "1"], "--grace-period only apply with --scheduler asha"),
     (["--search-trials", "0"], "--search-trials must be >= 1"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,7 +68,7 @@ def test_search_seeded_by_the_grid_with_asha(ray_session, workdir, tiny_folder):
     assert len(finals) == 1 and len(client.search_model_versions(f"name = '{N.DEFAULT_MODEL_NAME}'")) == 1
 
 
-def test_interrupted_search_resumes_without_repeating_trials(ray_session, workdir, tiny_folder):
+def test_interrupted_search_resumes_without_repeating_trials(ray_session, workdir, tiny_folder, capsys):
     storage = f"sqlite:///{workdir / 'optuna.db'}"
     argv = ["--data", tiny_folder, "--trials", 4, "--epochs", 2, "--scheduler", "none", "--max-concurrent", 1,
             "--study-name", "r1", "--no-final", "--address", ray_session]
@@ -88,10 +89,14 @@ def test_interrupted_search_resumes_without_repeating_trials(ray_session, workdi
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a user interrupts it
     out = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode != 0, out[-2000:]
+    assert re.search(r"continue with: python -m tuning\.search --data \S+ .*--resume", out), out[-2000:]
     interrupted = len(optuna.load_study(study_name="r1", storage=storage).trials)
     assert interrupted < 4, "the search was interrupted before finishing"
 
-    assert run_main(search.main, ["--data", tiny_folder, "--resume", "--no-final"]) == 0
+    # A changed value is refused with both values named; the command as first typed, plus --resume, runs.
+    assert run_main(search.main, [*argv, "--trials", 5, "--resume"]) == 2
+    assert "--trials was 4, now 5" in capsys.readouterr().err
+    assert run_main(search.main, [*argv, "--resume"]) == 0
     study = optuna.load_study(study_name="r1", storage=storage)
     assert len(study.trials) == 4
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
@@ -150,11 +155,7 @@ def test_time_budget_ends_the_search_as_finished_not_interrupted(ray_session, wo
     assert any(c.data.tags[N.TAG_OUTCOME] == N.OUTCOME_STOPPED_EARLY for c in children)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--resume", "--seed", "1"], "--seed cannot change a resumed search"),
-    (["--resume", "--trials", "3", "--optuna-storage", "x.db"], "--trials, --optuna-storage cannot change a resumed search"),
-])
-def test_what_a_resumed_search_keeps_cannot_be_given(workdir, capsys, argv, message):
-    assert run_main(search.main, argv) == 2
+def test_resume_keeps_its_start(workdir, capsys):
+    assert run_main(search.main, ["--resume", "--start-from", "latest-grid"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err
+    assert len(err.splitlines()) == 1 and "--start-from does not apply with --resume" in err

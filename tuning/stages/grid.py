@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fer_model.config import TrainConfig
@@ -32,6 +32,15 @@ class GridInputs:
     def epochs(self) -> int:
         return TrainConfig.from_dict(self.fixed).epochs
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (tag `stage_inputs` of the grid run: what a --resume continues with)."""
+        return {"fixed": dict(self.fixed), "dropouts": list(self.dropouts), "lrs": list(self.lrs),
+                "scheduler": asdict(self.scheduler)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GridInputs":
+        return cls(d["fixed"], d["dropouts"], d["lrs"], SchedulerSettings(**d["scheduler"]))
+
 
 def params(ctx: StageContext, inputs: GridInputs) -> dict[str, Any]:
     """The grid run's params: the fixed values, the axes, the scheduler and the data."""
@@ -39,14 +48,24 @@ def params(ctx: StageContext, inputs: GridInputs) -> dict[str, Any]:
             "lrs": ",".join(f"{v:g}" for v in inputs.lrs), "scheduler": inputs.scheduler.kind, **data_params(ctx)}
 
 
-def run(ctx: StageContext, parent_run_id: str, inputs: GridInputs) -> StageResult:
-    """Run the grid's trials under `parent_run_id`; print and log its table, heatmap and curves."""
+def tune_name(parent_run_id: str) -> str:
+    return f"grid-{parent_run_id[:8]}"
+
+
+def tune_path(ctx: StageContext, parent_run_id: str) -> str:
+    """Where Tune keeps this grid's state (a tag on its run, for --resume)."""
+    return f"{ctx.cluster.storage.rstrip('/')}/{tune_name(parent_run_id)}"
+
+
+def run(ctx: StageContext, parent_run_id: str, inputs: GridInputs, restore_path: str | None = None) -> StageResult:
+    """Run the grid's trials under `parent_run_id` (or, given `restore_path`, continue them); print and
+    log its table, heatmap and curves."""
     from ray import tune
 
     setup = TrialSetup(ctx.tracking.uri, ctx.experiment_id, parent_run_id, ctx.cluster.cpus_per_trial)
     space = {**inputs.fixed, "dropout": tune.grid_search(inputs.dropouts), "lr": tune.grid_search(inputs.lrs)}
-    rows = run_trials(ctx.cluster, ctx.data, setup, f"grid-{parent_run_id[:8]}", space, name_keys=("dropout", "lr"),
-                      scheduler=inputs.scheduler.make(inputs.epochs))
+    rows = run_trials(ctx.cluster, ctx.data, setup, tune_name(parent_run_id), space, name_keys=("dropout", "lr"),
+                      scheduler=inputs.scheduler.make(inputs.epochs), restore_path=restore_path)
     result = conclude(ctx, N.STAGE_GRID, parent_run_id, rows, lambda d: [
         report.write_table(rows, d / "grid_results.csv"),
         report.plot_grid_heatmap(rows, inputs.dropouts, inputs.lrs, d / "val_acc_heatmap.png"),

@@ -4,6 +4,7 @@ and its plots in MLflow."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from tuning.flags import STUDY_PREFIX, SearchOptions
 from tuning.runner import run_trials
 from tuning.spaces import SEARCH_FIXED, to_tune
 from tuning.stages import StageContext, StageResult, conclude, data_params
-from tuning.orphans import driver_alive
+from tuning.resume import UNFINISHED, check_can_continue, check_unchanged
 from tuning.tracking import latest_stage_run
 from tuning.trainable import TrialSetup
 
@@ -43,35 +44,34 @@ class SearchPlan:
 
 def plan(ctx: StageContext, options: SearchOptions, start_from: dict[str, Any] | None) -> SearchPlan:
     """Name the study, or find the interrupted search to resume and check it can be; no run is touched."""
-    import optuna
-    from ray import tune
-
     if not options.resume:
         name = options.study_name or f"{STUDY_PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}"
         check_study_is_new(options, name)
         point = starting_point(start_from, options.space) if start_from else None
         return SearchPlan(options, name, point)
     extra = f"tags.`{N.TAG_STUDY}` = '{options.study_name}'" if options.study_name else ""
-    run = latest_stage_run(ctx.client, ctx.experiment_id, N.STAGE_SEARCH, extra, ("RUNNING", "KILLED", "FAILED"))
-    if run is not None and run.info.status == "RUNNING" and driver_alive(run.data.tags):
-        raise UserError(f"--resume: search run {run.info.run_id} is still running "
-                        f"(host {run.data.tags.get(N.TAG_DRIVER_HOST)}, pid {run.data.tags.get(N.TAG_DRIVER_PID)})")
+    run = latest_stage_run(ctx.client, ctx.experiment_id, N.STAGE_SEARCH, extra, UNFINISHED)
     if run is None:
         raise UserError("--resume: no interrupted search run in this experiment"
                         + (f" for study {options.study_name!r}" if options.study_name else ""))
-    was = run.data.params
-    changed = [k for k, v in data_params(ctx).items() if k in was and was[k] != str(v)]
-    if changed:
-        raise ConfigError(f"--resume: the data differs from the interrupted search's ({', '.join(changed)}); "
-                          "pass the same --data, --max-samples, --val-fraction and --data-seed")
-    tune_path = run.data.tags.get(N.TAG_TUNE_PATH)
-    if not (tune_path and tune.Tuner.can_restore(tune_path)):
-        raise UserError(f"--resume: the Tune experiment of run {run.info.run_id} ({tune_path}) cannot be restored")
+    tune_path = check_can_continue(ctx, run, "search")
+    started = json.loads(run.data.tags.get(N.TAG_STAGE_INPUTS) or "{}")
+    check_unchanged(run.info.run_id, started, stored_inputs(ctx, options), options.given)
     # The restored Tune experiment keeps its own space, epochs, seeds and searcher (and so its Optuna
-    # storage); the count and the storage are read back so this process agrees with it.
-    options = dataclasses.replace(options, trials=int(was.get("trials", options.trials)),
-                                  storage_url=was.get("optuna_storage", options.storage_url))
+    # storage); what it started with is read back so this process agrees with it.
+    if started:
+        options = dataclasses.replace(SearchOptions.from_stored({k: v for k, v in started.items() if k != "max_concurrent"}),
+                                      resume=True)
+    else:  # a search run recorded before `stage_inputs` existed
+        was = run.data.params
+        options = dataclasses.replace(options, trials=int(was.get("trials", options.trials)),
+                                      storage_url=was.get("optuna_storage", options.storage_url))
     return SearchPlan(options, run.data.tags[N.TAG_STUDY], None, run.info.run_id, tune_path)
+
+
+def stored_inputs(ctx: StageContext, options: SearchOptions) -> dict[str, Any]:
+    """What a search run records of its inputs (tag `stage_inputs`), for --resume to keep."""
+    return {**options.stored(), "max_concurrent": ctx.cluster.max_concurrent}
 
 
 def params(ctx: StageContext, p: SearchPlan) -> dict[str, Any]:
