@@ -148,6 +148,7 @@ class ClusterOptions:
     gpus_per_trial: float | None = None  # None: a share where the cluster has GPUs
     cpus_per_trial: float = 1.0
     max_concurrent: int | None = None
+    dashboard: bool = False  # a local Ray's dashboard, on 127.0.0.1
 
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -160,6 +161,8 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
                                      "a shared path or URI on a cluster)")
     g.add_argument("--storage-shared", action="store_true", default=None,
                    help="--storage is a folder every node mounts (NFS), not a local one")
+    g.add_argument("--dashboard", action="store_true", default=None,
+                   help="start the local Ray's dashboard, on 127.0.0.1 only (default: none; a cluster's is on its head)")
 
 
 def keep_local_ray_on_loopback(cluster: ClusterOptions) -> None:
@@ -216,7 +219,14 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     if address:  # before Ray starts: ray.init on a dead address hangs for minutes
         check_ray_address(address, "--address" if args.address else "RAY_ADDRESS")
-    return ClusterOptions(address, storage, shared, args.gpus_per_trial, cpus, args.max_concurrent)
+    if address and args.dashboard:
+        raise ConfigError("--dashboard starts a local Ray's dashboard; a cluster's dashboard runs on its head node")
+    if args.dashboard:
+        import importlib.util
+
+        if importlib.util.find_spec("aiohttp_cors") is None:
+            raise ConfigError("--dashboard needs Ray's dashboard packages: pip install 'ray[default]'")
+    return ClusterOptions(address, storage, shared, args.gpus_per_trial, cpus, args.max_concurrent, bool(args.dashboard))
 
 
 # --------------------------------------------------------------------------- the final stage

@@ -27,10 +27,12 @@ def init_ray(cluster: ClusterOptions) -> bool:
     try:
         # "local": a new Ray of our own, never a cluster someone else started with `ray start` on this
         # machine (which a plain ray.init() would join silently).
-        ray.init(address=cluster.address or "local", include_dashboard=False, configure_logging=True,
-                 logging_level=logging.WARNING, log_to_driver=True)
+        context = ray.init(address=cluster.address or "local", include_dashboard=cluster.dashboard, dashboard_host="127.0.0.1",
+                           configure_logging=True, logging_level=logging.WARNING, log_to_driver=True)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise UserError(f"cannot join the Ray cluster at {cluster.address!r}: {first_line(exc)}") from None
+    if cluster.dashboard:
+        print(f"Ray dashboard: http://{context.dashboard_url}")
     return True
 
 
