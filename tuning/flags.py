@@ -21,6 +21,7 @@ from fer_model.errors import ConfigError, DataError, UserError, first_line
 from tuning.names import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
 
 DEFAULT_FINAL_EPOCHS = 15  # the study's retrain of its grid winner
+FINAL_EPOCHS_RATIO = 1.5  # the study: 15 final epochs after 10-epoch trials; --final-epochs follows --epochs so
 SQLITE = "sqlite:///"
 
 
@@ -149,6 +150,7 @@ class ClusterOptions:
     cpus_per_trial: float = 1.0
     max_concurrent: int | None = None
     dashboard: bool = False  # a local Ray's dashboard, on 127.0.0.1
+    keep_trial_dirs: bool = False  # else a finished stage's Tune folder is removed once MLflow has it all
 
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -161,6 +163,9 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
                                      "a shared path or URI on a cluster)")
     g.add_argument("--storage-shared", action="store_true", default=None,
                    help="--storage is a folder every node mounts (NFS), not a local one")
+    g.add_argument("--keep-trial-dirs", action="store_true", default=None,
+                   help="keep Tune's trial folders (checkpoints, results) after a stage finished; by default they "
+                        "are removed once everything is in MLflow")
     g.add_argument("--dashboard", action="store_true", default=None,
                    help="start the local Ray's dashboard, on 127.0.0.1 only (default: none; a cluster's is on its head)")
 
@@ -226,7 +231,8 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
 
         if importlib.util.find_spec("aiohttp_cors") is None:
             raise ConfigError("--dashboard needs Ray's dashboard packages: pip install 'ray[default]'")
-    return ClusterOptions(address, storage, shared, args.gpus_per_trial, cpus, args.max_concurrent, bool(args.dashboard))
+    return ClusterOptions(address, storage, shared, args.gpus_per_trial, cpus, args.max_concurrent, bool(args.dashboard),
+                          bool(args.keep_trial_dirs))
 
 
 # --------------------------------------------------------------------------- the final stage
@@ -240,6 +246,7 @@ class FinalOptions:
     epochs: int = DEFAULT_FINAL_EPOCHS
     device: str | None = None
     promote: bool = False  # then the guarded promotion of the new version to `champion`
+    why_epochs: str = ""  # where `epochs` came from, for the plan line
 
 
 def add_final_flags(p: argparse.ArgumentParser, optional: bool = True) -> None:
@@ -252,8 +259,16 @@ def add_final_flags(p: argparse.ArgumentParser, optional: bool = True) -> None:
                    help="then promote the new version to champion if it beats the champion (as python -m tuning.promote)")
 
 
-def final_options(args: argparse.Namespace) -> FinalOptions:
-    epochs = _or(args.final_epochs, DEFAULT_FINAL_EPOCHS)
+def final_options(args: argparse.Namespace, trial_epochs: int | None = None) -> FinalOptions:
+    """The final stage's options; its epochs follow the trials' by the study's ratio unless given."""
+    if args.final_epochs is not None:
+        typed = getattr(args, "final_epochs_given", args.final_epochs) is not None
+        epochs, why = args.final_epochs, "--final-epochs" if typed else "the preset's"
+    elif trial_epochs:
+        epochs = max(1, round(FINAL_EPOCHS_RATIO * trial_epochs))
+        why = f"{FINAL_EPOCHS_RATIO:g} x the trials' {trial_epochs}, the study's ratio; --final-epochs sets it"
+    else:
+        epochs, why = DEFAULT_FINAL_EPOCHS, "the study's; --final-epochs sets it"
     if epochs < 1:
         raise ConfigError(f"--final-epochs must be >= 1, got {epochs}")
     from fer_model.device import resolve_device  # torch: only once the flags parsed
@@ -265,7 +280,7 @@ def final_options(args: argparse.Namespace) -> FinalOptions:
                                 ("--final-epochs", getattr(args, "final_epochs_given", args.final_epochs))) if v]
         if given:
             raise ConfigError(f"{', '.join(given)} need(s) the final stage: drop --no-final")
-    return FinalOptions(enabled, epochs, args.device, bool(args.promote))
+    return FinalOptions(enabled, epochs, args.device, bool(args.promote), why)
 
 
 # --------------------------------------------------------------------------- early stopping
@@ -446,9 +461,10 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     add_final_flags(p)
 
 
-def common_options(args: argparse.Namespace) -> CommonOptions:
-    """Validate the shared flags: a bad value or an unreachable server raises a UserError."""
-    data, cluster, final = data_config(args), cluster_options(args), final_options(args)
+def common_options(args: argparse.Namespace, trial_epochs: int | None = None) -> CommonOptions:
+    """Validate the shared flags: a bad value or an unreachable server raises a UserError.
+    `trial_epochs`: the trials' epochs, which the final stage's follow unless --final-epochs is given."""
+    data, cluster, final = data_config(args), cluster_options(args), final_options(args, trial_epochs)
     return CommonOptions(data, tracking_options(args), cluster, final)
 
 

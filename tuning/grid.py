@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         flags.apply_preset(args, QUICK)
-    opts = flags.common_options(args)
+    opts = flags.common_options(args, trial_epochs=args.epochs or GRID_FIXED["epochs"])
     flags.keep_local_ray_on_loopback(opts.cluster)  # before ray is imported
     fixed = {**GRID_FIXED, "seed": 0, **given(args, FIXED_FLAGS)}
     from tuning.stages.grid import GridInputs  # after the flags: --help and bad flags answer at once

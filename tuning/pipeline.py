@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mlflow.entities.model_registry import ModelVersion
@@ -59,10 +61,15 @@ def session(opts: CommonOptions, with_ray: bool = True, experiment_id: str | Non
 # --------------------------------------------------------------------------- one stage each, its run owned here
 
 
-def grid(ctx: StageContext, inputs: GridInputs, run_id: str, restore_path: str | None = None) -> StageResult:
+def grid(ctx: StageContext, inputs: GridInputs, run_id: str, restore_path: str | None = None, then: str = "") -> StageResult:
     """The grid under its run `run_id` (see `new_grid_run`); given `restore_path`, its Tune state continued."""
+    n = len(inputs.dropouts) * len(inputs.lrs)
+    print(plan_line(ctx, f"grid {n} trials (dropout {','.join(f'{v:g}' for v in inputs.dropouts)} x lr "
+                         f"{','.join(f'{v:g}' for v in inputs.lrs)}) x {inputs.epochs} epochs", n, then))
     with tracked_run(ctx.client, run_id):
-        return grid_stage.run(ctx, run_id, inputs, restore_path)
+        result = grid_stage.run(ctx, run_id, inputs, restore_path)
+    drop_tune_state(ctx, run_id)
+    return result
 
 
 def new_grid_run(ctx: StageContext, inputs: GridInputs, chain: "Chain") -> str:
@@ -77,7 +84,7 @@ def new_grid_run(ctx: StageContext, inputs: GridInputs, chain: "Chain") -> str:
 
 
 def search(ctx: StageContext, options: SearchOptions, start_config: dict[str, Any] | None,
-           chained_from: str | None = None) -> StageResult:
+           chained_from: str | None = None, then: str = "") -> StageResult:
     """A new search (or, with `options.resume`, the interrupted one) in its own run."""
     from tuning.runner import cluster_params
 
@@ -88,8 +95,56 @@ def search(ctx: StageContext, options: SearchOptions, start_config: dict[str, An
         tags[N.TAG_CHAINED_FROM] = chained_from
     run_id = plan.run_id or create_run(ctx.client, ctx.experiment_id, f"search {plan.study_name}", tags,
                                        {**search_stage.params(ctx, plan), **cluster_params()})
+    o = plan.options
+    asha = f", ASHA grace {o.scheduler.grace_period} rf {o.scheduler.reduction_factor:g}" if o.scheduler.kind == "asha" else ""
+    print(plan_line(ctx, f"search {o.trials} trials x {o.epochs} epochs (TPE{asha}; study {plan.study_name}"
+                         f"{', resumed' if plan.run_id else ''})", o.trials, then))
     with tracked_run(ctx.client, run_id):
-        return search_stage.run(ctx, run_id, plan)
+        result = search_stage.run(ctx, run_id, plan)
+    drop_tune_state(ctx, run_id)
+    return result
+
+
+def plan_line(ctx: StageContext, what: str, trials: int, then: str = "") -> str:
+    """What a stage is about to do, said before it starts: trials x epochs, how many at once on what,
+    what follows, where the results go."""
+    import ray
+
+    from tuning.runner import gpu_share
+
+    total, share, c = ray.cluster_resources(), gpu_share(ctx.cluster), ctx.cluster
+    fits = [trials, max(int(total.get("CPU", 0) // c.cpus_per_trial), 1)]
+    if share:
+        fits.append(max(int(total.get("GPU", 0) // share), 1))
+    if c.max_concurrent:
+        fits.append(c.max_concurrent)
+    sizes = ctx.data.sizes()
+    where = f"MLflow {ctx.tracking.uri} (experiment {ctx.tracking.experiment!r}); Tune state under {c.storage}"
+    return (f"plan: {what} on {sizes['train']:,} train / {sizes['val']:,} val images; up to {min(fits)} at once "
+            f"({c.cpus_per_trial:g} CPU{f', {share:g} GPU' if share else ''} each; Ray has {total.get('CPU', 0):g} CPUs, "
+            f"{total.get('GPU', 0):g} GPUs){'; then ' + then if then else ''}\n      results: {where}")
+
+
+def then_text(search: SearchOptions | None, final_options: FinalOptions) -> str:
+    """The stages after this one, for its plan line."""
+    parts = [f"search {search.trials} trials x {search.epochs} epochs"] if search is not None else []
+    parts.append(f"final retrain {final_options.epochs} epochs ({final_options.why_epochs})" if final_options.enabled
+                 else "no final stage (--no-final)")
+    return ", ".join(parts)
+
+
+def drop_tune_state(ctx: StageContext, run_id: str) -> None:
+    """A finished stage's Tune folder (checkpoints, per-trial results), once MLflow holds all of it.
+
+    Nothing reads it again: a resumed chain reads a finished stage from MLflow. --keep-trial-dirs
+    keeps it; a remote URI (s3://) is left to its bucket's lifecycle rules.
+    """
+    path = ctx.client.get_run(run_id).data.tags.get(N.TAG_TUNE_PATH, "")
+    if ctx.cluster.keep_trial_dirs or not path or "://" in path or not Path(path).is_dir():
+        return
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    shutil.rmtree(path, ignore_errors=True)
+    print(f"removed Tune's folder {path} ({size / 1e6:.1f} MB; all of it is in MLflow; --keep-trial-dirs keeps it)")
 
 
 def final(ctx: StageContext, options: FinalOptions, source_run_id: str, best_config: dict[str, Any],
@@ -183,16 +238,18 @@ def _continue_chain(ctx: StageContext, grid_run_id: str, inputs: GridInputs, cha
     if restore and run.info.status == "FINISHED":
         result = _finished_stage(ctx, run)
     else:
-        result = grid(ctx, inputs, grid_run_id, run.data.tags[N.TAG_TUNE_PATH] if restore else None)
+        result = grid(ctx, inputs, grid_run_id, run.data.tags[N.TAG_TUNE_PATH] if restore else None,
+                      then_text(chain.search, chain.final))
     if chain.search is not None:
         found = latest_stage_run(ctx.client, ctx.experiment_id, N.STAGE_SEARCH, f"tags.`{N.TAG_CHAINED_FROM}` = '{grid_run_id}'")
+        then = then_text(None, chain.final)
         if found is None:
-            result = search(ctx, chain.search, result.best.config, chained_from=grid_run_id)
+            result = search(ctx, chain.search, result.best.config, chained_from=grid_run_id, then=then)
         elif found.info.status == "FINISHED":
             result = _finished_stage(ctx, found)
         else:
             options = dataclasses.replace(chain.search, resume=True, study_name=found.data.tags[N.TAG_STUDY])
-            result = search(ctx, options, None, chained_from=grid_run_id)
+            result = search(ctx, options, None, chained_from=grid_run_id, then=then)
     if chain.final.enabled and not (restore and _final_done(ctx, result.parent_run_id)):
         final(ctx, chain.final, result.parent_run_id, result.best.config, result.best.run_id)
     set_tags(ctx.client, grid_run_id, {N.TAG_CHAIN_DONE: "true"})
@@ -216,7 +273,8 @@ def _final_done(ctx: StageContext, source_run_id: str) -> bool:
 def tune_search(opts: CommonOptions, options: SearchOptions, resume_command: str = "python -m tuning.search --resume") -> StageResult:
     """`tuning.search`: a search (new, started from a stage's best, or resumed), then one final."""
     def body(ctx: StageContext) -> StageResult:
-        result = search(ctx, options, start_config(ctx, options.start_from) if options.start_from else None)
+        result = search(ctx, options, start_config(ctx, options.start_from) if options.start_from else None,
+                        then=then_text(None, opts.final))
         if opts.final.enabled:
             try:
                 final(ctx, opts.final, result.parent_run_id, result.best.config, result.best.run_id)

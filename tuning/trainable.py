@@ -82,6 +82,12 @@ def train_trial(config: dict[str, Any], data: FerData, setup: TrialSetup, name_k
     tracker = TrialTracker.open(setup.tracking_uri, setup.experiment_id, setup.parent_run_id, ctx.get_trial_id(),
                                 run_name(cfg.to_dict(), list(name_keys)), cfg.to_dict(), tags, run_id)
     best = M.best_val_acc(resume["history"]) if resume else float("nan")
+    if resume is not None:
+        # Epochs the checkpoint has but the run lacks: their writes were still queued when the last
+        # process died (training resumes after them, so nothing else would write them).
+        history = resume["history"]
+        for epoch in range(tracker.last_step + 1, len(history) + 1):
+            tracker.log_epoch(epoch, {**history[epoch - 1], M.BEST_VAL_ACC: M.best_val_acc(history[:epoch])})
 
     def on_epoch(r: EpochResult) -> None:
         nonlocal best

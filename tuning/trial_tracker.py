@@ -15,15 +15,19 @@ import threading
 import time
 from typing import Any, Mapping
 
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from fer_model import metrics as M
 from tuning import names as N
-from tuning.tracking import client_for, create_run, find_trial_run, log_metrics, set_tags
+from tuning.tracking import client_for, create_run, find_trial_run, set_tags
 
 log = logging.getLogger(__name__)
 QUEUE_SIZE = 1000  # epochs; a trial blocks only past this many unwritten epochs
 DRAIN_SECONDS = 120.0  # how long the end of a trial waits for an unreachable store
+# A write this late counts as delayed: MLflow's HTTP client retries a down server itself for
+# minutes (7 retries, backoff up to 120 s) before raising, and a frozen one hangs, not raises.
+DELAYED_AFTER_SECONDS = 5.0
 _STOP = object()
 
 
@@ -32,7 +36,7 @@ class TrialTracker:
 
     def __init__(self, client: MlflowClient, run_id: str, last_step: int):
         self.client, self.run_id, self.last_step = client, run_id, last_step
-        self.delayed = 0  # writes that needed a retry
+        self.delayed = 0  # writes that needed a retry, or waited over DELAYED_AFTER_SECONDS
         self.longest_delay = 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
         self._thread = threading.Thread(target=self._drain, name=f"mlflow-{run_id[:8]}", daemon=True)
@@ -65,11 +69,11 @@ class TrialTracker:
         if epoch <= self.last_step:
             return
         self.last_step = epoch
-        self._queue.put((epoch, dict(metrics), time.monotonic()))
+        self._queue.put((epoch, dict(metrics), time.monotonic(), int(time.time() * 1000)))
 
     def close(self, timeout: float = DRAIN_SECONDS) -> None:
         """Wait for every queued write (at most `timeout` seconds) and say how many were delayed."""
-        self._queue.put((_STOP, None, 0.0))
+        self._queue.put((_STOP, None, 0.0, 0))
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("MLflow: run %s: %d epoch write(s) still unsent after %.0f s; the tracking store is unreachable",
@@ -80,19 +84,22 @@ class TrialTracker:
 
     def _drain(self) -> None:
         while True:
-            epoch, metrics, queued = self._queue.get()
+            epoch, metrics, queued, stamp = self._queue.get()
             if epoch is _STOP:
                 return
+            # Stamped when the epoch ended, not when a delayed write got through.
+            items = [Metric(k, float(v), stamp, epoch) for k, v in metrics.items() if v is not None]
             attempt = 0
             while True:
                 try:
-                    log_metrics(self.client, self.run_id, metrics, step=epoch)
+                    self.client.log_batch(self.run_id, metrics=items)
                     break
                 except Exception as exc:  # noqa: BLE001 - MlflowException, connection reset, database locked
                     attempt += 1
                     if attempt == 1:
                         log.info("MLflow: epoch %d of run %s not written yet (%s); retrying", epoch, self.run_id, exc)
                     time.sleep(min(0.5 * 2 ** attempt, 10.0))
-            if attempt:
+            waited = time.monotonic() - queued
+            if attempt or waited > DELAYED_AFTER_SECONDS:
                 self.delayed += 1
-                self.longest_delay = max(self.longest_delay, time.monotonic() - queued)
+                self.longest_delay = max(self.longest_delay, waited)

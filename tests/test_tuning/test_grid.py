@@ -72,6 +72,10 @@ def test_grid_end_to_end_on_sqlite(ray_session, workdir, tiny_folder, capsys):
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     got = check_pipeline(client, {(d, lr) for d in (0.3, 0.5, 0.7) for lr in (1e-3, 1e-2, 1e-4)})
     assert "dropout | lr 0.001" in out and "(57.30%)" in out  # the study's table, beside ours
+    # The plan before it starts; Tune's folder gone once everything is in MLflow.
+    assert "plan: grid 9 trials (dropout 0.3,0.5,0.7 x lr 0.001,0.01,0.0001) x 2 epochs" in out
+    assert "then final retrain 2 epochs (--final-epochs)" in out and "results: MLflow sqlite:///" in out
+    assert "removed Tune's folder" in out and not list((workdir / "ray_results").glob("grid-*"))
     assert f"registered: {N.DEFAULT_MODEL_NAME} version 1" in out and "mlflow ui --backend-store-uri sqlite:///" in out
 
     # The registered model takes image bytes and gives emotions; --promote made it the champion.
