@@ -68,20 +68,69 @@ def given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
+class DropMessages(logging.Filter):
+    """Drops the records whose message starts with one of `starts` (on the logger that emits them)."""
+
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+def drop_log_messages(logger: str, *starts: str) -> None:
+    """Drop `logger`'s messages that start with one of `starts`; calling again adds nothing.
+
+    A filter on the emitting logger itself: its other messages, warnings included, still show.
+    """
+    target = logging.getLogger(logger)
+    if not any(isinstance(f, DropMessages) and f.starts == starts for f in target.filters):
+        target.addFilter(DropMessages(*starts))
+
+
 def quiet_libraries() -> None:
     """Library chatter off the console: matplotlib's font notices, PIL's plugin list, MLflow's
-    progress bars for every model download."""
+    progress bars for every model download, and the notices below, each named. Loggers are only
+    named here, nothing is imported: this runs before a command parses its flags."""
     import os
+    import warnings
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name in ("matplotlib", "PIL", "urllib3", "alembic", "git"):
+    # mlflow.store.db.utils: "Creating initial MLflow database tables..." / "Updating database tables"
+    # on a new sqlite store; optuna.storages: "A new study created in RDB with name: ..." (the search
+    # stage prints the study's name and storage itself).
+    for name in ("matplotlib", "PIL", "urllib3", "alembic", "git", "mlflow.store.db.utils", "optuna.storages"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Saving the registered model (tuning.pyfunc): MLflow's advice to log models from code instead of
+    # a Python object is about a design choice made once here (the model's code travels with it as
+    # code_paths), not something the user can act on; the input-example check is routine.
+    drop_log_messages("mlflow.pyfunc", "Passing a Python object as `python_model`",
+                      "Validating input example against model signature")
+    # Optuna's plots (search stage) are laid out with tight_layout; some have a colorbar axes it
+    # cannot place, and matplotlib says so on every plot. The plot is saved all the same.
+    warnings.filterwarnings("ignore", message="This figure includes Axes that are not compatible with tight_layout",
+                            category=UserWarning)
+
+
+def sigterm_as_ctrl_c() -> None:
+    """SIGTERM (`kill`, a scheduler's stop, `timeout`) is handled as Ctrl-C: Ray Tune saves its state,
+    runs are marked KILLED and the message says what resumes them, instead of a silent death that
+    leaves runs RUNNING until the next command settles them. ray.init replaces it (with a sys.exit
+    that aborts the process mid-Tune): `tuning.runner` sets it again after ray.init."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers: main thread only
+        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run an entry point: user errors become one line and exit 2; Ctrl-C exits 130."""
+    """Run an entry point: user errors become one line and exit 2; Ctrl-C (or SIGTERM) exits 130."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
+    sigterm_as_ctrl_c()
     try:
         return int(main(argv) or 0)
     except UserError as exc:

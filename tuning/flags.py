@@ -166,6 +166,8 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-trial-dirs", action="store_true", default=None,
                    help="keep Tune's trial folders (checkpoints, results) after a stage finished; by default they "
                         "are removed once everything is in MLflow")
+    g.add_argument("--verbose", action="store_true", default=None,
+                   help="Ray Tune's own progress tables and messages, besides a line per finished trial")
     g.add_argument("--dashboard", action="store_true", default=None,
                    help="start the local Ray's dashboard, on 127.0.0.1 only (default: none; a cluster's is on its head)")
 
@@ -224,6 +226,8 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     if address:  # before Ray starts: ray.init on a dead address hangs for minutes
         check_ray_address(address, "--address" if args.address else "RAY_ADDRESS")
+    if args.verbose:  # read by tuning.runner at each progress report (a --resume honours it too)
+        os.environ["FER_TUNE_VERBOSE"] = "1"
     if address and args.dashboard:
         raise ConfigError("--dashboard starts a local Ray's dashboard; a cluster's dashboard runs on its head node")
     if args.dashboard:

@@ -6,13 +6,15 @@
 - trials still running when the experiment ends: `on_experiment_end`. Tune ends them so for two
   reasons only: the --time-budget ran out (they are stopped early), or Ctrl-C (they stay
   unsettled, their runs KILLED, until --resume continues them).
-The outcome is one tag; the summary metrics are written beside it, and the run is closed.
+The outcome is one tag; the summary metrics are written beside it, and the run is closed. The same
+callback is the console's progress: one line per trial as it ends (Tune's own tables are off).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -23,9 +25,10 @@ from fer_model import metrics as M
 from fer_model.errors import first_line
 from tuning import names as N
 from tuning.tracking import client_for, find_trial_run, log_metrics, set_tags, trial_runs
-from tuning.trainable import EPOCH, RUN_ID, TrialSetup
+from tuning.trainable import EPOCH, RUN_ID, TrialSetup, run_name
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 60.0  # between trial ends, at most one "still running" line a minute
 
 
 def outcome_of(last_result: Mapping[str, Any], epochs: int) -> str:
@@ -36,18 +39,61 @@ def outcome_of(last_result: Mapping[str, Any], epochs: int) -> str:
 
 
 class TrialOutcomes(Callback):
-    """Records every trial's outcome in MLflow when Tune is done with it, and closes its run."""
+    """Records every trial's outcome in MLflow when Tune is done with it, and closes its run; prints a
+    line per ended trial (named as its run, e.g. ``d0.3 lr1e-3``) and, in between, at most one
+    progress line a minute."""
 
-    def __init__(self, setup: TrialSetup):
+    # Defaults on the class: Tune saves this callback with its experiment, and one saved before these
+    # attributes existed comes back from a --resume without them.
+    name_keys: tuple[str, ...] = ()
+    total: int | None = None
+    _ended: frozenset = frozenset()
+    _last_line: float = 0.0
+
+    def __init__(self, setup: TrialSetup, name_keys: tuple[str, ...] = (), total: int | None = None):
         self.stage = setup
+        self.name_keys, self.total = tuple(name_keys), total
+        self._ended, self._last_line = frozenset(), time.time()
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
+        if time.time() - self._last_line < PROGRESS_EVERY_S or int(result.get(EPOCH, 0)) >= int(trial.config.get("epochs", 0)):
+            return  # printed a minute ago, or the trial's last epoch: its end line follows at once
+        val = f"val {100 * result[M.VAL_ACC]:.2f}%" if M.VAL_ACC in result else "no validation accuracy yet"
+        running = sum(t.status == "RUNNING" for t in trials)
+        self._print(f"  trial {self._name(trial)}: epoch {result.get(EPOCH, '?')}/{trial.config.get('epochs', '?')}, "
+                    f"{val} [{self._count(trials)} done, {running} running]")
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         result = trial.last_result or {}
-        self._settle(trial, outcome_of(result, int(trial.config.get("epochs", 0))))
+        outcome = outcome_of(result, int(trial.config.get("epochs", 0)))
+        self._settle(trial, outcome)
+        self._announce(trial, trials, outcome)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         log.warning("trial %s failed: %s", trial.trial_id, first_line(trial.error_msg or "") if trial.error_msg else "")
         self._settle(trial, N.OUTCOME_ERROR)
+        self._announce(trial, trials, N.OUTCOME_ERROR)
+
+    def _name(self, trial) -> str:
+        return run_name(trial.config, list(self.name_keys)) if self.name_keys else trial.trial_id
+
+    def _count(self, trials: list) -> str:
+        """``3/9``: the trials that ended (this session or before a --resume) out of all there will be."""
+        ended = self._ended | {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        return f"{len(ended)}/{max(self.total or 0, len(trials))}"
+
+    def _announce(self, trial, trials: list, outcome: str) -> None:
+        """One line for a trial that ended, e.g. ``trial d0.3 lr1e-3: val 43.20% after 2 epochs (completed) [3/9 done]``."""
+        result = trial.last_result or {}
+        self._ended = self._ended | {trial.trial_id}
+        val = f"val {100 * result[M.VAL_ACC]:.2f}%" if M.VAL_ACC in result else "no validation accuracy"
+        epochs = int(result.get(EPOCH, 0))
+        self._print(f"trial {self._name(trial)}: {val} after {epochs} epoch{'s' if epochs != 1 else ''} "
+                    f"({outcome.replace('_', ' ')}) [{self._count(trials)} done]")
+
+    def _print(self, line: str) -> None:
+        print(line, flush=True)  # the driver's stdout, between Ray's forwarded worker lines
+        self._last_line = time.time()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         client = client_for(self.stage.tracking_uri)
@@ -59,6 +105,7 @@ class TrialOutcomes(Callback):
                 continue  # settled already (now or in an earlier session), or never started
             if budget_spent:
                 self._settle(trial, N.OUTCOME_STOPPED_EARLY)
+                self._announce(trial, trials, N.OUTCOME_STOPPED_EARLY)
             else:  # Ctrl-C: Tune saved its state; --resume reopens this run
                 client.set_terminated(run.info.run_id, "KILLED")
 
@@ -175,7 +222,18 @@ def best_row(rows: list[TrialRow]) -> TrialRow:
 
     A trial ASHA stopped after one epoch is not compared with ten-epoch trials unless nothing
     ran to the end. Ties go to the trial that started first (Tune's trial order), so the choice
-    does not depend on which trial happened to finish first. Test data is never looked at here.
+    does not depend on which trial happened to finish first; `ties_at_top` lists them. Test data
+    is never looked at here.
+    """
+    return ties_at_top(rows)[0]
+
+
+def ties_at_top(rows: list[TrialRow]) -> list[TrialRow]:
+    """The trials `best_row` chooses among: those with the top last-epoch validation accuracy, among
+    the trials that ran to the end (among all scored trials if none did), in Tune's trial order.
+
+    The first is the one picked; more than one means a tie, which the stages print. Accuracies tie
+    when exactly equal: on one validation set they are counts over the same denominator.
     """
     from fer_model.errors import UserError
 
@@ -185,4 +243,4 @@ def best_row(rows: list[TrialRow]) -> TrialRow:
     if not pool:
         raise UserError("no trial produced a validation accuracy; see the errors above")
     top = max(r.val_acc for r in pool)
-    return next(r for r in pool if r.val_acc == top)
+    return [r for r in pool if r.val_acc == top]

@@ -155,7 +155,7 @@ def final(ctx: StageContext, options: FinalOptions, source_run_id: str, best_con
     with tracked_run(ctx.client, run_id):
         result = final_stage.run(ctx, run_id, inputs)
         version = register_step.register(ctx, result)
-    print(describe_final(result, version))
+    print(describe_final(result, version, full_data=ctx.data_config.max_samples is None))
     if options.promote and version is not None:
         from tuning import registry
 
@@ -164,9 +164,13 @@ def final(ctx: StageContext, options: FinalOptions, source_run_id: str, best_con
     return result, version
 
 
-def describe_final(result: FinalResult, version: ModelVersion | None, study_acc: float = STUDY_TEST_ACC["seed-best"]) -> str:
+def describe_final(result: FinalResult, version: ModelVersion | None, full_data: bool = True,
+                   study_acc: float = STUDY_TEST_ACC["seed-best"]) -> str:
+    """The final stage's lines; beside the study's test accuracy only on the full data (a subset's
+    test images are another test)."""
+    beside = f" (the study: {100 * study_acc:.2f}%)" if full_data else ""
     text = (f"final: {result.inputs.config.epochs} epochs in {result.train_seconds:.0f} s; "
-            f"{describe_test(result.evaluation.metrics)} (the study: {100 * study_acc:.2f}%)\n")
+            f"{describe_test(result.evaluation.metrics)}{beside}\n")
     if version is not None:
         return text + f"registered: {version.name} version {version.version} (run {result.run_id})"
     why = f"training diverged after {len(result.history)} epochs; " if result.diverged else ""

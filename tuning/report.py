@@ -10,7 +10,7 @@ import numpy as np
 
 from fer_model import metrics as M
 from fer_model.evaluate import plot_learning_curves, pyplot
-from tuning.outcomes import TrialRow
+from tuning.outcomes import TrialRow, ties_at_top
 
 # The study's 10-epoch grid, measured on its test set (it had no validation split).
 STUDY_GRID_TEST_ACC = {
@@ -60,19 +60,34 @@ def grid_matrix(rows: Sequence[TrialRow], dropouts: Sequence[float], lrs: Sequen
     return m
 
 
-def grid_text(rows: Sequence[TrialRow], dropouts: Sequence[float], lrs: Sequence[float]) -> str:
-    """The dropout x lr table laid out like the study's, with the study's numbers beside ours."""
+def grid_text(rows: Sequence[TrialRow], dropouts: Sequence[float], lrs: Sequence[float], study: bool = True) -> str:
+    """The dropout x lr table laid out like the study's; with `study`, the study's numbers beside ours.
+
+    Pass ``study=False`` when the trials saw a subset of the data (--max-samples): the study's
+    full-data accuracies would then read as a target the run was never meant to reach.
+    """
     m = grid_matrix(rows, dropouts, lrs)
-    head = f"{'dropout':>8} | " + " | ".join(f"lr {lr:<8g} val (study test)" for lr in lrs)
+    label, width = ("val (study test)", 27) if study else ("val", 15)
+    head = f"{'dropout':>8} | " + " | ".join(f"lr {lr:<8g} {label}" for lr in lrs)
     lines = [head, "-" * len(head)]
     for i, d in enumerate(dropouts):
         cells = []
         for j, lr in enumerate(lrs):
-            study = STUDY_GRID_TEST_ACC.get((d, lr))
             ours = "   n/a" if np.isnan(m[i, j]) else f"{100 * m[i, j]:5.2f}%"
-            cells.append(f"{ours:>14} ({'  -  ' if study is None else f'{100 * study:5.2f}%'})")
-        lines.append(f"{d:>8g} | " + " | ".join(f"{c:>27}" for c in cells))
+            theirs = STUDY_GRID_TEST_ACC.get((d, lr))
+            cells.append(f"{ours:>14} ({'  -  ' if theirs is None else f'{100 * theirs:5.2f}%'})" if study else ours)
+        lines.append(f"{d:>8g} | " + " | ".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
+
+
+def tie_line(rows: Sequence[TrialRow]) -> str | None:
+    """One line when several trials share the top validation accuracy (the pick is the first in
+    Tune's trial order, see `outcomes.best_row`), naming them; None when one trial leads."""
+    tied = ties_at_top(list(rows))
+    if len(tied) < 2:
+        return None
+    return (f"{len(tied)} trials tie at {100 * tied[0].val_acc:.2f}% validation accuracy; picked the first in trial order "
+            f"({', '.join(r.run_name or r.trial_id for r in tied)})")
 
 
 def plot_grid_heatmap(rows: Sequence[TrialRow], dropouts: Sequence[float], lrs: Sequence[float], path: Path) -> Path:

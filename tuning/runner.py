@@ -9,8 +9,10 @@ from typing import Any, Iterator, Sequence
 
 import ray
 from ray import tune
+from ray.tune import CLIReporter
 
 from fer_model import metrics as M
+from fer_model.cli import drop_log_messages, sigterm_as_ctrl_c
 from fer_model.errors import UserError, first_line
 from tuning.flags import ClusterOptions
 from tuning.outcomes import BudgetStopper, TrialOutcomes, TrialRow, summarize
@@ -18,10 +20,17 @@ from tuning.trainable import EPOCH, TrialSetup, train_trial
 
 log = logging.getLogger(__name__)
 DEFAULT_GPU_SHARE = 0.25  # four trials per GPU: the study's CNN at batch 32 leaves a GPU mostly idle
+# "1": Ray Tune's own progress tables on the console besides our one line per trial (--verbose sets it).
+VERBOSE_ENV = "FER_TUNE_VERBOSE"
 
 
 def init_ray(cluster: ClusterOptions) -> bool:
     """Join `cluster.address` or start a local Ray; returns True when this call started it."""
+    # A new local Ray turns on token authentication and says so ("Token authentication is enabled for
+    # this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out") at every start: the safe default
+    # announced, nothing to do. Its warning that authentication is *disabled* still shows.
+    drop_log_messages("ray._private.authentication.authentication_token_setup",
+                      "Token authentication is enabled for this Ray cluster")
     if ray.is_initialized():
         return False
     try:
@@ -31,6 +40,7 @@ def init_ray(cluster: ClusterOptions) -> bool:
                            configure_logging=True, logging_level=logging.WARNING, log_to_driver=True)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise UserError(f"cannot join the Ray cluster at {cluster.address!r}: {first_line(exc)}") from None
+    sigterm_as_ctrl_c()  # ray.init installed its own, which aborts mid-Tune
     if cluster.dashboard:
         print(f"Ray dashboard: http://{context.dashboard_url}")
     return True
@@ -75,6 +85,52 @@ def gpu_share(cluster: ClusterOptions) -> float:
     return DEFAULT_GPU_SHARE if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def tune_verbose() -> bool:
+    """Whether Ray Tune's own progress tables are wanted (FER_TUNE_VERBOSE=1)."""
+    return os.environ.get(VERBOSE_ENV, "0") not in ("", "0")
+
+
+class TablesWhenVerbose(CLIReporter):
+    """Tune's status tables, printed only while FER_TUNE_VERBOSE=1.
+
+    The choice is made at every report, not when the experiment is created: Tune saves its reporter
+    with the experiment, and a --resume (with or without --verbose) gets the saved one back.
+    """
+
+    def should_report(self, trials, done: bool = False) -> bool:
+        return tune_verbose() and super().should_report(trials, done)
+
+
+@contextmanager
+def legacy_tune_output() -> Iterator[None]:
+    """Tune's classic console engine for the length of a fit (RAY_AIR_NEW_OUTPUT=0), then as it was.
+
+    Tune's default engine prints its configuration table and a `tensorboard --logdir` hint even at
+    verbose=0 and ignores a passed reporter; the classic one prints only what its reporter
+    (`TablesWhenVerbose`) lets through. Tune reads the variable when fit() starts.
+    """
+    was = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if was is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = was
+
+
+def grid_size(param_space: dict[str, Any] | None, num_samples: int) -> int | None:
+    """How many trials Tune makes of `param_space`: the product of its grid axes, times `num_samples`."""
+    if param_space is None:
+        return None  # a restored experiment: Tune's own trial list says
+    size = num_samples
+    for value in param_space.values():
+        if isinstance(value, dict) and "grid_search" in value:
+            size *= len(value["grid_search"])
+    return size
+
+
 def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, param_space: dict[str, Any] | None,
                *, name_keys: Sequence[str] = (), search_alg=None, scheduler=None, num_samples: int = 1,
                time_budget_s: float | None = None, restore_path: str | None = None) -> list[TrialRow]:
@@ -84,11 +140,15 @@ def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, para
     # local or shared folder a snapshot takes milliseconds. Tune warns about it every epoch
     # ("snapshotting has been triggered multiple times"): noise that hid the progress table.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # On Ctrl-C Tune advises "Resume experiment with: Tuner.restore(...)", Python a user of these
+    # commands never writes; the stage's own message names the command with --resume.
+    drop_log_messages("ray.tune.tune", "Experiment has been interrupted")
     trainable = tune.with_resources(
         # data: one object-store copy shared by every trial
         tune.with_parameters(train_trial, data=data, setup=setup, name_keys=tuple(name_keys)),
         {"cpu": cluster.cpus_per_trial, "gpu": gpu_share(cluster)},
     )
+    total = grid_size(param_space, num_samples)
     if restore_path:
         # Finished trials are kept; unfinished and errored ones continue from their last checkpoint.
         tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -102,10 +162,16 @@ def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, para
             run_config=tune.RunConfig(
                 name=name, storage_path=cluster.storage,
                 stop=BudgetStopper(time_budget_s, setup.tracking_uri, setup.parent_run_id) if time_budget_s else None,
-                callbacks=[TrialOutcomes(setup)],
+                callbacks=[TrialOutcomes(setup, name_keys=tuple(name_keys), total=total)],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest epoch is all a resume needs
                 failure_config=tune.FailureConfig(max_failures=1),  # one retry from the last checkpoint
-                verbose=1),
+                # The console gets one line per finished trial from TrialOutcomes; Tune's tables,
+                # which repeat every trial's config and metrics at each change, only with FER_TUNE_VERBOSE=1.
+                verbose=1, progress_reporter=TablesWhenVerbose()),
         )
-    results = tuner.fit()
+    print(f"{'continuing' if restore_path else 'running'} Tune experiment {name}"
+          f"{f' ({total} trials)' if total else ''}: a line as each trial ends"
+          + ("" if tune_verbose() else f"; Ray's own progress tables with --verbose"), flush=True)
+    with legacy_tune_output():
+        results = tuner.fit()
     return summarize(results, setup, expected=num_samples if search_alg is not None else None)

@@ -25,8 +25,9 @@ def _runs(client, query: str = ""):
     return client.search_runs([exp.experiment_id], query, max_results=1000) if exp else []
 
 
-def _start_and_kill(workdir, argv, ready) -> None:
-    """Start `tuning.grid argv` as a process; SIGKILL it once `ready(client)` holds."""
+def _start_and_kill(workdir, argv, ready, sig: int = signal.SIGKILL) -> tuple[int, str, float]:
+    """Start `tuning.grid argv` as a process; send it `sig` once `ready(client)` holds.
+    Returns its exit code, its output, and the seconds it took to exit after the signal."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "tuning.grid", *map(str, argv)], cwd=workdir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -40,8 +41,10 @@ def _start_and_kill(workdir, argv, ready) -> None:
             pass
         time.sleep(0.5)
     assert proc.poll() is None, proc.communicate(timeout=30)[0].decode()[-3000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    t0 = time.time()
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=60)[0].decode()
+    return proc.returncode, out, time.time() - t0
 
 
 def _epochs_logged(client, stage_run_query: str) -> int:
@@ -112,3 +115,16 @@ def test_chain_killed_in_its_search_resumes_at_the_search(ray_session, workdir, 
     assert "search_trials.csv" in artifact_names(client, search_run.info.run_id)
     assert grid_after.data.tags[N.TAG_CHAIN_DONE] == "true"
     assert not _runs(client, "attributes.status = 'RUNNING'")
+
+
+def test_sigterm_is_a_ctrl_c_that_says_how_to_resume(ray_session, workdir, tiny_folder):
+    argv = ["--data", tiny_folder, "--dropouts", "0.3", "--lrs", "1e-3", "--epochs", 5, "--no-final",
+            "--address", ray_session]
+    code, out, seconds = _start_and_kill(workdir, argv, lambda c: _epochs_logged(c, "tags.stage = 'grid'") >= 1,
+                                         signal.SIGTERM)
+    assert code == 130 and seconds < 15, (code, seconds, out[-2000:])
+    assert "continue with: python -m tuning.grid --data" in out and "--resume" in out, out[-2000:]
+    assert "Traceback" not in out, out[-3000:]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    (run,) = _runs(client, "tags.stage = 'grid'")
+    assert run.info.status == "KILLED"  # settled by the driver itself, not left RUNNING

@@ -71,8 +71,12 @@ def run(ctx: StageContext, parent_run_id: str, inputs: GridInputs, restore_path:
         report.plot_grid_heatmap(rows, inputs.dropouts, inputs.lrs, d / "val_acc_heatmap.png"),
         report.plot_all_learning_curves(rows, d / "learning_curves.png")])
     best = result.best
-    print("\nvalidation accuracy after each trial (the study's test accuracy in brackets):")
-    print(report.grid_text(rows, inputs.dropouts, inputs.lrs))
+    # The study's accuracies are of the full data set: beside a --max-samples run they only mislead.
+    full_data = ctx.data_config.max_samples is None
+    print("\nvalidation accuracy after each trial" + (" (the study's test accuracy in brackets):" if full_data else ":"))
+    print(report.grid_text(rows, inputs.dropouts, inputs.lrs, study=full_data))
     print(f"best: dropout {best.config['dropout']:g}, lr {best.config['lr']:g}: val {100 * best.val_acc:.2f}% "
           f"(trial {best.trial_id}, run {best.run_id})")
+    if tie := report.tie_line(rows):
+        print(tie)
     return result

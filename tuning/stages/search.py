@@ -110,6 +110,8 @@ def run(ctx: StageContext, parent_run_id: str, p: SearchPlan) -> StageResult:
     print(f"\nstudy {p.study_name} ({o.storage_url}); trials by validation accuracy:")
     print(report.trials_text(rows))
     print(f"best: {result.best.config} val {100 * result.best.val_acc:.2f}% (run {result.best.run_id})")
+    if tie := report.tie_line(rows):
+        print(tie)
     return result
 
 
