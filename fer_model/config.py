@@ -93,7 +93,11 @@ def _choices(*values: Any, help: str = "") -> Option:
 
 
 DROPOUT = Option(0.5, "in [0, 1)", lambda v: 0 <= v < 1, "dropout before the classifier's last layer")
-WIDTH = Option(1.0, "in [0.25, 4]", lambda v: 0.25 <= v <= 4, "channel width multiplier")
+# Channels (and hidden units) are scaled by `width` and rounded to a multiple of 8, at least 8.
+# Up to 2: the VGG's parameters grow with width squared (40M at 1.0, about 160M at 2.0).
+WIDTH = Option(1.0, "in [0.25, 2]", lambda v: 0.25 <= v <= 2, "channel width multiplier (x8 rounded)")
+DEPTH = Option(2, "an integer within 1..4", lambda v: 1 <= v <= 4,
+               "blocks per stage (vgg: conv-BN-ReLU, resnet: basic blocks)")
 
 
 @dataclass(frozen=True)
@@ -112,11 +116,18 @@ _STUDY_OPTIONS = {
     "hidden": _choices(128, 64, help="hidden units of the classifier"),
 }
 
+_DEEP_OPTIONS = {"dropout": DROPOUT, "width": WIDTH, "depth": DEPTH}
+
 # The networks `fer_model.model.build_model` can build, by name; `model.py` holds their modules.
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture("cnn", _STUDY_OPTIONS, "the study's CNN, logits out (its Model 2)"),
     Architecture("cnn-softmax", _STUDY_OPTIONS, "the study's CNN ending in Softmax (its Model 1)",
                  outputs_probabilities=True),
+    Architecture("cnn-bn", {**_STUDY_OPTIONS, "width": WIDTH}, "the study's CNN with BatchNorm after every convolution"),
+    Architecture("vgg", _DEEP_OPTIONS, "VGG-style, 4 stages of conv3x3-BN-ReLU x depth + max-pool "
+                 "(64-512 channels), FC 4096-4096 with dropout (after Khaireddin & Chen 2021)"),
+    Architecture("resnet", _DEEP_OPTIONS, "ResNet-style, 4 stages of depth basic blocks (32-256 channels), "
+                 "global average pool, dropout, FC"),
 )}
 DEFAULT_ARCH = "cnn"
 
@@ -191,6 +202,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     flip: bool = False
     translate: int = 0
+    rotate: float = 0.0  # degrees: each image turned by up to +-rotate (0 = off)
+    scale: float = 0.0  # fraction: each image zoomed by a factor in [1 - scale, 1 + scale] (0 = off)
+    erase: float = 0.0  # probability that an image gets one random rectangle zeroed (0 = off)
     seed: int = 0
     bf16: bool = True  # autocast to bfloat16 where the hardware has it natively (see `device.fast_bf16`)
     channels_last: bool = True  # measured faster on CPU too (see benchmarks/RESULTS.md)
@@ -207,6 +221,9 @@ class TrainConfig:
             (_integer(self.epochs) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs}"),
             (_integer(self.translate) and 0 <= self.translate <= 16,
              f"translate must be an integer within 0..16 pixels, got {self.translate}"),
+            (finite(self.rotate) and 0 <= self.rotate <= 45, f"rotate must be in [0, 45] degrees, got {self.rotate}"),
+            (finite(self.scale) and 0 <= self.scale <= 0.5, f"scale must be in [0, 0.5], got {self.scale}"),
+            (finite(self.erase) and 0 <= self.erase <= 1, f"erase must be a probability in [0, 1], got {self.erase}"),
             (_integer(self.seed), f"seed must be an integer, got {self.seed}"),
         ]
         for ok, message in checks:
@@ -215,7 +232,7 @@ class TrainConfig:
         # Tune and YAML hand over numpy values; normalise so params and checkpoints are clean.
         for name in ("batch_size", "epochs", "translate", "seed"):
             object.__setattr__(self, name, int(getattr(self, name)))
-        for name in ("lr", "weight_decay", "label_smoothing"):
+        for name in ("lr", "weight_decay", "label_smoothing", "rotate", "scale", "erase"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer_model import metrics as M
-from fer_model.augment import augment_batch
+from fer_model.augment import augment_batch, augmenting
 from fer_model.config import TrainConfig
 from fer_model.data import FerData, Split
 from fer_model.device import autocast, resolve_device
@@ -104,8 +104,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     for step, start in enumerate(range(0, n, cfg.batch_size)):
         idx = order[start:start + cfg.batch_size]
         x = split.images[idx]
-        if cfg.flip or cfg.translate:
-            x = augment_batch(x, cfg.flip, cfg.translate, aug)
+        if augmenting(cfg):
+            x = augment_batch(x, cfg.flip, cfg.translate, aug, rotate=cfg.rotate, scale=cfg.scale, erase=cfg.erase)
         x = to_input(x, cfg.channels_last)
         y = split.labels[idx]
         with autocast(device, cfg.bf16):
@@ -147,7 +147,7 @@ def fit(cfg: TrainConfig, data: FerData, on_epoch: EpochCallback | None = None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.schedule, s, steps_per_epoch, total_steps))
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    aug = torch.Generator(device=device).manual_seed(cfg.seed + 1) if (cfg.flip or cfg.translate) else None
+    aug = torch.Generator(device=device).manual_seed(cfg.seed + 1) if augmenting(cfg) else None
     history: list[dict[str, float]] = []
     start_epoch = 0
 
@@ -207,7 +207,10 @@ def _check_resumable(cfg: TrainConfig, ckpt: Mapping[str, Any]) -> None:
         raise ConfigError(f"not a training checkpoint of this trainer (missing {', '.join(missing)})")
     saved = dict(ckpt.get("config", {}))
     now = cfg.to_dict()
-    diff = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
+    # A training key the checkpoint lacks was added after it was written (rotate, scale, erase): its default.
+    defaults = TrainConfig().to_dict()
+    diff = sorted(k for k in now if k not in _RESUMABLE_CHANGES
+                  and saved.get(k, defaults[k] if k in TrainConfig.training_keys() else None) != now[k])
     if diff:
         raise ConfigError(f"checkpoint was written by a different configuration ({', '.join(diff)} differ)")
 

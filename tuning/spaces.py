@@ -74,6 +74,10 @@ def validate_space(space: Any) -> dict[str, Any]:
     if not isinstance(space, Mapping) or not space:
         raise ConfigError("a space must be a non-empty mapping of TrainConfig fields to distributions")
     fields = set(flat_keys()) - {"epochs"}
+    # Model options depend on the architecture: each value must suit every arch the space can produce
+    # (a trial with arch cnn and a width would be refused when it starts, hours in).
+    arch = space.get("arch", TrainConfig().to_dict()["arch"])
+    archs = arch["choice"] if isinstance(arch, Mapping) and isinstance(arch.get("choice"), list) else [arch]
     for key, spec in space.items():
         if key == "epochs":
             raise ConfigError("epochs is not searched: set it with --epochs (ASHA's horizon follows it)")
@@ -99,9 +103,9 @@ def validate_space(space: Any) -> dict[str, Any]:
                     raise ConfigError(f"{key}: randint does not fit it; use choice")
             # Every value the space can produce must make a valid TrainConfig.
             for v in values:
-                _check_value(key, v)
+                _check_value(key, v, archs)
         else:
-            _check_value(key, spec)
+            _check_value(key, spec, archs)
     return dict(space)
 
 
@@ -116,11 +120,13 @@ def _all_option_defaults() -> dict[str, Any]:
     return {name: option(name).default for name in model_option_names()}
 
 
-def _check_value(key: str, value: Any) -> None:
-    try:
-        TrainConfig.from_dict({key: value})
-    except (ConfigError, TypeError, ValueError, OverflowError) as exc:
-        raise ConfigError(f"{key}: value {value!r} is not allowed ({exc})") from None
+def _check_value(key: str, value: Any, archs: list[Any]) -> None:
+    for arch in archs if key != "arch" else [value]:
+        try:
+            TrainConfig.from_dict({"arch": arch, key: value})
+        except (ConfigError, TypeError, ValueError, OverflowError) as exc:
+            suffix = f" with arch {arch}" if key != "arch" and len(archs) > 1 else ""
+            raise ConfigError(f"{key}: value {value!r} is not allowed{suffix} ({exc})") from None
 
 
 def to_tune(space: Mapping[str, Any]) -> dict[str, Any]:

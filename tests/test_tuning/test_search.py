@@ -120,6 +120,7 @@ def test_interrupted_search_resumes_without_repeating_trials(ray_session, workdi
     ("dropout: {randint: [0, 1]}\n", "dropout: randint does not fit it"),
     ("hidden: {randint: [64, 129]}\n", "hidden: randint does not fit it; use choice"),
     ("epochs: 20\n", "epochs is not searched: set it with --epochs"),
+    ("arch: {choice: [cnn, resnet]}\nwidth: {uniform: [0.5, 1.0]}\n", "width: value 0.5 is not allowed with arch cnn"),
 ])
 def test_bad_space_file_gives_one_line_and_exit_2(workdir, capsys, text, message):
     (workdir / "space.yaml").write_text(text)
