@@ -24,7 +24,7 @@ from fer_model.errors import UserError, first_line
 from fer_model.evaluate import describe_test
 from fer_model.presets import STUDY_TEST_ACC
 from tuning import names as N
-from tuning import report, resume
+from tuning import describe, report, resume
 from tuning.outcomes import TrialRow
 from tuning.resume import to_json
 from tuning.orphans import settle_orphans
@@ -76,7 +76,7 @@ def new_grid_run(ctx: StageContext, inputs: GridInputs, chain: "Chain") -> str:
     """A grid run recording what a --resume needs: its inputs, its chain, where Tune keeps its state."""
     from tuning.runner import cluster_params
 
-    run_id = create_run(ctx.client, ctx.experiment_id, "grid",
+    run_id = create_run(ctx.client, ctx.experiment_id, describe.stage_run_name(N.STAGE_GRID, len(inputs.dropouts) * len(inputs.lrs)),
                         {N.TAG_STAGE: N.STAGE_GRID, N.TAG_STAGE_INPUTS: to_json(inputs.to_dict()), N.TAG_CHAIN: to_json(chain.to_dict())},
                         {**grid_stage.params(ctx, inputs), **cluster_params()})
     set_tags(ctx.client, run_id, {N.TAG_TUNE_PATH: grid_stage.tune_path(ctx, run_id)})
@@ -93,7 +93,7 @@ def search(ctx: StageContext, options: SearchOptions, start_config: dict[str, An
             N.TAG_STAGE_INPUTS: to_json(search_stage.stored_inputs(ctx, plan.options))}
     if chained_from:
         tags[N.TAG_CHAINED_FROM] = chained_from
-    run_id = plan.run_id or create_run(ctx.client, ctx.experiment_id, f"search {plan.study_name}", tags,
+    run_id = plan.run_id or create_run(ctx.client, ctx.experiment_id, describe.stage_run_name(N.STAGE_SEARCH, plan.options.trials), tags,
                                        {**search_stage.params(ctx, plan), **cluster_params()})
     o = plan.options
     asha = f", ASHA grace {o.scheduler.grace_period} rf {o.scheduler.reduction_factor:g}" if o.scheduler.kind == "asha" else ""
@@ -151,7 +151,7 @@ def final(ctx: StageContext, options: FinalOptions, source_run_id: str, best_con
           best_trial_run_id: str | None) -> tuple[FinalResult, ModelVersion | None]:
     """Retrain and evaluate (the final stage), then register (its own step), in one final run."""
     inputs = FinalInputs.of(best_config, options.epochs, source_run_id, best_trial_run_id, options.device)
-    run_id = create_run(ctx.client, ctx.experiment_id, "final", inputs.tags(), inputs.config.to_dict())
+    run_id = create_run(ctx.client, ctx.experiment_id, inputs.run_name, inputs.tags(), inputs.config.to_dict())
     with tracked_run(ctx.client, run_id):
         result = final_stage.run(ctx, run_id, inputs)
         version = register_step.register(ctx, result)
@@ -302,6 +302,8 @@ def _command(opts: CommonOptions, body: Callable[[StageContext], StageResult], r
         raise KeyboardInterrupt(text if "continue with:" in text else f"{text}; continue with: {resume_command}") from None
     print(f"wall time {time.perf_counter() - t0:.0f} s; {result.stage} run {result.parent_run_id}")
     print(f"inspect: {report.mlflow_ui_command(opts.tracking.uri)}{inspect}")
+    server = opts.tracking.uri if opts.tracking.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    print(f"training runs: {describe.experiment_url(server, ctx.experiment_id)}")
     return result
 
 

@@ -80,7 +80,13 @@ def _sqlite_first_use(db: Path) -> Iterator[bool]:
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, created if needed (local stores keep artifacts beside the db)."""
+    """The id of experiment `name`, created if needed (local stores keep artifacts beside the db).
+
+    It is marked a training experiment (MLflow 3's experiment kind, `describe.EXPERIMENT_KIND_TAG`)
+    when created, and when reused without a kind; a kind someone chose stays.
+    """
+    from tuning.describe import EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_TRAINING
+
     db = sqlite_path(client.tracking_uri)
     if db is not None:
         _sqlite_wal(db)
@@ -88,7 +94,8 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     if exp is None:
         location = (db.parent / "mlartifacts").as_uri() if db else None
         try:
-            experiment_id = client.create_experiment(name, artifact_location=location)
+            experiment_id = client.create_experiment(name, artifact_location=location,
+                                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND_TRAINING})
         except Exception:  # noqa: BLE001 - created concurrently by another driver
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -98,6 +105,8 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         experiment_id = exp.experiment_id
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(experiment_id)
+    if exp is not None and not exp.tags.get(EXPERIMENT_KIND_TAG):
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_TRAINING)
     return experiment_id
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 from dataclasses import dataclass
@@ -41,16 +42,11 @@ class TrialSetup:
 
 
 def run_name(config: dict[str, Any], keys: list[str]) -> str:
-    """A trial run's name from the values that vary between trials, e.g. ``d0.3 lr1e-3``."""
-    short = {"dropout": "d", "lr": "lr", "batch_size": "bs", "optimizer": "", "weight_decay": "wd",
-             "arch": "", "label_smoothing": "ls", "schedule": ""}
-    parts = []
-    for key in keys:
-        value = config.get(key)
-        text = f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e") if isinstance(value, float) and key in ("lr", "weight_decay") \
-            else f"{value:.3g}" if isinstance(value, float) else str(value)
-        parts.append(f"{short.get(key, key + '=')}{text}")
-    return " ".join(parts) or "trial"
+    """A trial run's name from the values that vary between trials: ``d0.3 lr1e-3`` in the grid,
+    ``adamw b64 lr3.2e-4 d0.41`` in the search (Tune's trial id stays a tag, `names.TAG_TRIAL_ID`)."""
+    from tuning.describe import config_name
+
+    return config_name(config, keys) or "trial"
 
 
 def where() -> dict[str, str]:
@@ -63,6 +59,10 @@ def where() -> dict[str, str]:
 def train_trial(config: dict[str, Any], data: FerData, setup: TrialSetup, name_keys: tuple[str, ...] = ()) -> None:
     """Train one Tune trial. `data` arrives once through the object store (tune.with_parameters)."""
     cfg = TrainConfig.from_dict(config)  # the one conversion from Tune's dict; unknown keys fail
+    # Ray logs "Checkpoint successfully created at: <path>" (INFO) at every epoch's checkpoint and
+    # forwards it to the driver's console: a line per trial and epoch, saying nothing a user acts on.
+    # Set here because a trial runs in a Ray worker process, which the driver's logging setup does not reach.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(setup.cpus_per_trial)))
     # Only a trial Ray gave a GPU share uses one: Ray 2.x leaves CUDA_VISIBLE_DEVICES alone for
     # zero-GPU trials, so torch.cuda.is_available() would put "CPU" trials on GPU 0 unscheduled.

@@ -14,6 +14,7 @@ from fer_model import metrics as M
 from fer_model.config import TrainConfig
 from fer_model.evaluate import Evaluation, evaluate, save_evaluation
 from fer_model.training import STATUS_DIVERGED, fit
+from tuning import describe
 from tuning import names as N
 from tuning.stages import StageContext
 from tuning.tracking import log_files, log_metrics, set_tags
@@ -34,6 +35,11 @@ class FinalInputs:
     def of(cls, best_config: dict[str, Any], epochs: int, source_run_id: str, best_trial_run_id: str | None,
            device: str | None) -> "FinalInputs":
         return cls(TrainConfig.from_dict({**best_config, "epochs": epochs}), source_run_id, best_trial_run_id, device)
+
+    @property
+    def run_name(self) -> str:
+        """The final run's name: the configuration it retrains (``final adam b32 lr1e-3 d0.3 (15 epochs)``)."""
+        return describe.final_run_name(self.config.to_dict())
 
     def tags(self) -> dict[str, str]:
         tags = {N.TAG_PARENT: self.source_run_id, N.TAG_STAGE: N.STAGE_FINAL}
@@ -72,5 +78,9 @@ def run(ctx: StageContext, run_id: str, inputs: FinalInputs) -> FinalResult:
     log_metrics(ctx.client, run_id, {**ev.metrics, **M.summary(result.history), "train_seconds": train_seconds})
     with tempfile.TemporaryDirectory() as d:
         log_files(ctx.client, run_id, save_evaluation(ev, d, result.history, title="(final)"), EVALUATION_DIR)
-    set_tags(ctx.client, run_id, {N.TAG_OUTCOME: result.status})
+    note = describe.final_description(
+        inputs.config.to_dict(), ev.metrics, source_run_id=inputs.source_run_id, best_trial_run_id=inputs.best_trial_run_id,
+        status=result.status, train_seconds=train_seconds, test_size=len(ctx.data.test), fingerprint=ctx.data.fingerprint,
+        full_data=ctx.data_config.max_samples is None, epochs_run=len(result.history))
+    set_tags(ctx.client, run_id, {N.TAG_OUTCOME: result.status, N.TAG_NOTE: note})
     return FinalResult(run_id, inputs, result.model, result.history, ev, result.status, train_seconds)

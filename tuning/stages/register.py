@@ -8,16 +8,19 @@ version never exists without them. Promotion is a further step (the registry's a
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
 from mlflow.entities.model_registry import ModelVersion
 
 from fer_model.config import CLASS_NAMES
+from tuning import describe
 from tuning import names as N
 from tuning.stages import StageContext
 from tuning.stages.final import FinalResult
 
+log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
 
 
@@ -49,7 +52,29 @@ def register(ctx: StageContext, final: FinalResult) -> ModelVersion | None:
             ctx.client.create_registered_model(name)
         except Exception:  # noqa: BLE001 - created meanwhile by another driver
             pass
-    cfg = final.inputs.config
-    return ctx.client.create_model_version(
+    version = ctx.client.create_model_version(
         name, f"runs:/{final.run_id}/{MODEL_ARTIFACT}", run_id=final.run_id, tags=version_tags(ctx, final),
-        description=f"{cfg.model.describe()}, {cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs")
+        description=version_description(ctx, final))
+    try:  # the model's page says what the newest version is; a failure here loses no version
+        describe.update_registered_model_description(ctx.client, name, describe.registered_model_description(
+            name, str(version.version), **_model_facts(final), metrics=final.evaluation.metrics, run_id=final.run_id,
+            test_size=len(ctx.data.test), fingerprint=ctx.data.fingerprint))
+    except Exception as exc:  # noqa: BLE001 - e.g. a registry that refuses the update
+        log.warning("registered model %s: description not updated: %s", name, exc)
+    return version
+
+
+def _model_facts(final: FinalResult) -> dict:
+    from fer_model.model import count_parameters
+
+    return {"config": final.inputs.config.to_dict(), "parameters": count_parameters(final.model),
+            "outputs_probabilities": final.inputs.config.model.outputs_probabilities}
+
+
+def version_description(ctx: StageContext, final: FinalResult) -> str:
+    """A version's Markdown: the model (architecture, parameters), its input and output, its data and
+    test numbers, and the run that made it."""
+    return describe.version_description(
+        **_model_facts(final), metrics=final.evaluation.metrics, run_id=final.run_id,
+        source_run_id=final.inputs.source_run_id, best_trial_run_id=final.inputs.best_trial_run_id,
+        test_size=len(ctx.data.test), fingerprint=ctx.data.fingerprint, full_data=ctx.data_config.max_samples is None)

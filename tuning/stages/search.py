@@ -25,7 +25,7 @@ from tuning.tracking import latest_stage_run
 from tuning.trainable import TrialSetup
 
 log = logging.getLogger(__name__)
-SEARCH_NAME_KEYS = ("optimizer", "batch_size", "lr", "dropout")
+SEARCH_NAME_KEYS = ("arch", "optimizer", "batch_size", "lr", "dropout")
 
 
 @dataclass(frozen=True)
