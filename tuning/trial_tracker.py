@@ -24,7 +24,7 @@ from tuning.tracking import client_for, create_run, find_trial_run, set_tags
 
 log = logging.getLogger(__name__)
 QUEUE_SIZE = 1000  # epochs; a trial blocks only past this many unwritten epochs
-DRAIN_SECONDS = 120.0  # how long the end of a trial waits for an unreachable store
+DRAIN_SECONDS = 300.0  # how long the end of a trial waits for the store: past MLflow's own HTTP retries (~250 s), which one write sleeps through
 # A write this late counts as delayed: MLflow's HTTP client retries a down server itself for
 # minutes (7 retries, backoff up to 120 s) before raising, and a frozen one hangs, not raises.
 DELAYED_AFTER_SECONDS = 5.0
