@@ -308,6 +308,15 @@ def describe(results: list[dict]) -> str:
             f"time_this_iter_s {[round(r['time_this_iter_s'], 2) for r in results]}")
 
 
+def report_fault(what: str, run, results: list[dict], inside: list[dict], epochs: int, seconds: float, sampler):
+    """Print one FAULT line (kept/lost epochs, delayed writes, driver time in MLflow; shown with -s)."""
+    delayed, longest, unsent = delayed_writes(run.info.run_id)
+    print(f"\nFAULT {what}; epochs ended meanwhile: {[r['epoch'] for r in inside]}; epochs kept {epochs}/{epochs}, "
+          f"lost 0; runs 1; grid {seconds:.1f} s; delayed writes {delayed} (longest {longest:.1f} s), unsent warnings "
+          f"{len(unsent)}; driver samples in MLflow {sum(sampler.in_mlflow.values())}/{sampler.samples}; {describe(results)}")
+    return delayed, longest, unsent
+
+
 def test_mlflow_server_down_mid_trial_loses_no_epoch(ray_session, workdir, tiny_folder, mlflow_server_process):
     """The server's process group is stopped (SIGTERM) for at least DOWN seconds, then a new server
     starts on the same port and stores: the trial trains on, and every epoch reaches the store once."""
@@ -324,12 +333,10 @@ def test_mlflow_server_down_mid_trial_loses_no_epoch(ray_session, workdir, tiny_
 
     run, results, times, sampler, seconds, at = fault_against_server(workdir, tiny_folder, server, epochs, outage, 1)
     inside, _ = during(results, times["down"], times["up"])
-    delayed, longest, unsent = delayed_writes(run.info.run_id)
-    print(f"\nFAULT outage: server stopped after epoch {at} (stop took {times['down'] - times['stopping']:.1f} s), "
-          f"down {times['up'] - times['down']:.1f} s (restart took {times['up'] - times['restart']:.1f} s); "
-          f"epochs ended while down: {[r['epoch'] for r in inside]}; epochs kept {epochs}/{epochs}, lost 0; runs 1; "
-          f"grid {seconds:.1f} s; delayed writes {delayed} (longest {longest:.1f} s), unsent warnings {len(unsent)}; "
-          f"driver samples in MLflow {sum(sampler.in_mlflow.values())}/{sampler.samples}; {describe(results)}")
+    delayed, longest, unsent = report_fault(
+        f"outage: server stopped after epoch {at} (stop took {times['down'] - times['stopping']:.1f} s), "
+        f"down {times['up'] - times['down']:.1f} s (restart took {times['up'] - times['restart']:.1f} s)",
+        run, results, inside, epochs, seconds, sampler)
     assert inside, "no epoch ended while the server was down: the outage missed the training"
     # MLflow's HTTP client retries inside each write with backoff up to 120 s, so after a long outage
     # (a restart over ~55 s) the write may still be asleep when close() stops waiting.
@@ -354,11 +361,9 @@ def test_frozen_mlflow_server_does_not_stall_training(ray_session, workdir, tiny
 
     run, results, times, sampler, seconds, at = fault_against_server(workdir, tiny_folder, server, epochs, freeze, 2)
     inside, others = during(results, times["stop"], times["cont"])
-    delayed, longest, unsent = delayed_writes(run.info.run_id)
-    print(f"\nFAULT freeze: server frozen after epoch {at} for {times['cont'] - times['stop']:.1f} s; "
-          f"epochs ended while frozen: {[r['epoch'] for r in inside]}; epochs kept {epochs}/{epochs}, lost 0; runs 1; "
-          f"grid {seconds:.1f} s; delayed writes {delayed} (longest {longest:.1f} s), unsent warnings {len(unsent)}; "
-          f"driver samples in MLflow {sum(sampler.in_mlflow.values())}/{sampler.samples}; {describe(results)}")
+    delayed, longest, unsent = report_fault(
+        f"freeze: server frozen after epoch {at} for {times['cont'] - times['stop']:.1f} s",
+        run, results, inside, epochs, seconds, sampler)
     assert inside and others, "the freeze did not overlap the training"
     for key in (M.EPOCH_SECONDS, "time_this_iter_s"):  # the epoch itself; and epoch to epoch, callbacks included
         typical = statistics.median(r[key] for r in others)
