@@ -228,22 +228,6 @@ def run_killed_grid(workdir: Path, data: Path, epochs: int, kill: Callable[[], i
     return run, results, resumed_from, fault.epoch_at_fault, seconds
 
 
-def test_trial_worker_sigkilled_mid_trial_resumes_into_the_same_run(ray_session, workdir, tiny_folder):
-    epochs = 4
-
-    def kill_after_a_checkpoint() -> int:
-        deadline = time.time() + 60
-        while reported_epoch(workdir) < 1:  # Tune has the epoch's checkpoint: the retry resumes, not restarts
-            wait_until(deadline, "Tune took no epoch")
-        return kill_the_trial_worker()
-
-    run, results, resumed_from, at, seconds = run_killed_grid(workdir, tiny_folder, epochs, kill_after_a_checkpoint)
-    print(f"\nFAULT sigkill: worker killed once epoch {at} was in MLflow; resumed from epoch {resumed_from}: "
-          f"epochs kept (checkpoint) {resumed_from}, trained after the kill {epochs - resumed_from}; "
-          f"Tune reported epochs {[r['epoch'] for r in results]}; runs 1; grid {seconds:.1f} s; "
-          f"delayed writes {delayed_writes(run.info.run_id)}")
-
-
 def test_trial_worker_sigkilled_with_epoch_writes_queued_loses_no_epoch(ray_session, workdir, tiny_folder):
     """The store holds a write lock (as a long `mlflow gc` or a stuck client would) while the trial
     trains on and Tune checkpoints an epoch whose metrics are still queued; then the worker dies.

@@ -15,7 +15,7 @@ from fer_model.config import CLASS_NAMES
 from tuning import final, grid
 from tuning import names as N
 
-FAST = ["--epochs", 2, "--final-epochs", 2, "--batch-size", 64]
+FAST = ["--epochs", 1, "--final-epochs", 2, "--batch-size", 64]
 EVALUATION_FILES = {"confusion_matrix.png", "roc_curves.png", "classification_report.txt",
                     "classification_report.json", "learning_curves.png"}
 
@@ -25,7 +25,7 @@ def runs_of(client: MlflowClient, experiment: str = N.DEFAULT_EXPERIMENT):
     return client.search_runs([exp.experiment_id], max_results=500)
 
 
-def check_pipeline(client: MlflowClient, expected_trials: set[tuple[float, float]], epochs: int = 2) -> dict:
+def check_pipeline(client: MlflowClient, expected_trials: set[tuple[float, float]], epochs: int = 1) -> dict:
     runs = runs_of(client)
     by_stage = {}
     for r in runs:
@@ -73,7 +73,7 @@ def test_grid_end_to_end_on_sqlite(ray_session, workdir, tiny_folder, capsys):
     got = check_pipeline(client, {(d, lr) for d in (0.3, 0.5, 0.7) for lr in (1e-3, 1e-2, 1e-4)})
     assert "dropout | lr 0.001" in out and "(57.30%)" in out  # the study's table, beside ours
     # The plan before it starts; Tune's folder gone once everything is in MLflow.
-    assert "plan: grid 9 trials (dropout 0.3,0.5,0.7 x lr 0.001,0.01,0.0001) x 2 epochs" in out
+    assert "plan: grid 9 trials (dropout 0.3,0.5,0.7 x lr 0.001,0.01,0.0001) x 1 epochs" in out
     assert "then final retrain 2 epochs (--final-epochs)" in out and "results: MLflow sqlite:///" in out
     assert "removed Tune's folder" in out and not list((workdir / "ray_results").glob("grid-*"))
     assert f"registered: {N.DEFAULT_MODEL_NAME} version 1" in out and "mlflow ui --backend-store-uri sqlite:///" in out

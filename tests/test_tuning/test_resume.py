@@ -65,7 +65,7 @@ def _check_trials(client, parent_id: str, n: int, epochs: int) -> None:
 
 
 def test_grid_driver_killed_then_resumed(ray_session, workdir, tiny_folder, capsys):
-    argv = ["--data", tiny_folder, "--dropouts", "0.3,0.5", "--lrs", "1e-3", "--epochs", 3, "--max-concurrent", 1,
+    argv = ["--data", tiny_folder, "--dropouts", "0.3,0.5", "--lrs", "1e-3", "--epochs", 2, "--max-concurrent", 1,
             "--final-epochs", 1, "--address", ray_session]
     _start_and_kill(workdir, argv, lambda c: _epochs_logged(c, "tags.stage = 'grid'") >= 1)
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
@@ -73,8 +73,8 @@ def test_grid_driver_killed_then_resumed(ray_session, workdir, tiny_folder, caps
     assert killed.info.status == "RUNNING"  # nobody was left to say otherwise
 
     # A value other than the one it started with is refused, both named; nothing is touched.
-    assert run_main(grid.main, [*argv, "--epochs", 4, "--resume"]) == 2
-    assert "--epochs was 3, now 4" in capsys.readouterr().err
+    assert run_main(grid.main, [*argv, "--epochs", 3, "--resume"]) == 2
+    assert "--epochs was 2, now 3" in capsys.readouterr().err
     # The command as first typed, plus --resume: the same values are accepted.
     assert run_main(grid.main, [*argv, "--resume"]) == 0
     out = capsys.readouterr().out
@@ -82,7 +82,7 @@ def test_grid_driver_killed_then_resumed(ray_session, workdir, tiny_folder, caps
 
     (parent,) = _runs(client, "tags.stage = 'grid'")  # the same grid run, continued
     assert parent.info.run_id == killed.info.run_id and parent.info.status == "FINISHED"
-    _check_trials(client, parent.info.run_id, 2, 3)
+    _check_trials(client, parent.info.run_id, 2, 2)
     with open(client.download_artifacts(parent.info.run_id, "grid_results.csv")) as f:  # Tune's results
         assert len(f.read().strip().splitlines()) == 1 + 2
     (fin,) = _runs(client, "tags.stage = 'final'")
@@ -97,7 +97,7 @@ def test_grid_driver_killed_then_resumed(ray_session, workdir, tiny_folder, caps
 
 def test_chain_killed_in_its_search_resumes_at_the_search(ray_session, workdir, tiny_folder):
     argv = ["--data", tiny_folder, "--dropouts", "0.3", "--lrs", "1e-3", "--epochs", 1, "--search-trials", 2,
-            "--search-epochs", 3, "--search-scheduler", "none", "--max-concurrent", 1, "--final-epochs", 1,
+            "--search-epochs", 2, "--search-scheduler", "none", "--max-concurrent", 1, "--final-epochs", 1,
             "--address", ray_session]
     _start_and_kill(workdir, argv, lambda c: _epochs_logged(c, "tags.stage = 'search'") >= 1)
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
@@ -109,7 +109,7 @@ def test_chain_killed_in_its_search_resumes_at_the_search(ray_session, workdir, 
     _check_trials(client, grid_after.info.run_id, 1, 1)  # the grid was not run again
     (search_run,) = _runs(client, "tags.stage = 'search'")
     assert search_run.data.tags[N.TAG_CHAINED_FROM] == grid_run.info.run_id and search_run.info.status == "FINISHED"
-    _check_trials(client, search_run.info.run_id, 2, 3)
+    _check_trials(client, search_run.info.run_id, 2, 2)
     (fin,) = _runs(client, "tags.stage = 'final'")
     assert fin.data.tags[N.TAG_PARENT] == search_run.info.run_id and fin.info.status == "FINISHED"
     assert "search_trials.csv" in artifact_names(client, search_run.info.run_id)

@@ -146,7 +146,7 @@ def test_space_file_yaml_and_json_give_the_same_space(workdir):
 
 def test_time_budget_ends_the_search_as_finished_not_interrupted(ray_session, workdir, tiny_folder):
     argv = ["--data", tiny_folder, "--trials", 6, "--epochs", 40, "--scheduler", "none", "--max-concurrent", 1,
-            "--time-budget", 20, "--study-name", "tb", "--no-final"]
+            "--time-budget", 30, "--study-name", "tb", "--no-final"]
     assert run_main(search.main, argv) == 0
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     parent = _search_run(client)

@@ -45,7 +45,7 @@ def test_two_commands_on_a_new_sqlite_store_both_start(tmp_path):
     alembic migration (seen in every one of 4 tries here); each pair gets a fresh file."""
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    for attempt in range(3):
+    for attempt in range(2):  # the race showed in every pair tried without the lock
         uri = f"sqlite:///{tmp_path / f'mlflow{attempt}.db'}"
         procs = [subprocess.Popen([sys.executable, "-c", FIRST_TOUCH, uri, str(k)], env=env, cwd=tmp_path,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
