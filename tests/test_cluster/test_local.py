@@ -43,6 +43,7 @@ def cluster(tmp_path_factory):
     assert run_cli(local.main, ["down", "--dir", str(folder)]) == 0
 
 
+@pytest.mark.slow  # a multi-node cluster: ~2 min with its fixture; cluster.local's CLI errors stay in the default run
 def test_a_grid_spreads_over_the_workers(cluster, tmp_path, tiny_folder, capsys):
     folder, state = cluster
     assert run_main(local.main, ["up", "--dir", folder]) == 0  # already up: nothing changes
@@ -106,6 +107,7 @@ def _raylet_node_ids(state) -> dict[str, int]:
     return out
 
 
+@pytest.mark.slow  # a lost node: a trial restored from its checkpoint is also tested by test_faults.py's worker SIGKILL
 def test_a_lost_worker_node_costs_its_trials_no_epochs(cluster, tmp_path, tiny_folder):
     """SIGKILL the raylet of a node running a trial: the trial continues from its checkpoint on the
     other worker, in the same MLflow run, and the stage finishes. (Last in the module: it costs a node.)"""

@@ -101,6 +101,7 @@ def test_grid_end_to_end_on_sqlite(ray_session, workdir, tiny_folder, capsys):
     assert len(client.search_model_versions(f"name = '{N.DEFAULT_MODEL_NAME}'")) == 2
 
 
+@pytest.mark.slow  # grids against a real server also run in test_ui.py and test_faults.py
 def test_grid_against_a_real_mlflow_server(ray_session, workdir, tiny_folder, mlflow_server):
     argv = ["--data", tiny_folder, "--dropouts", "0.3,0.5", "--lrs", "1e-3", *FAST, "--tracking-uri", mlflow_server]
     assert run_main(grid.main, argv) == 0

@@ -68,6 +68,7 @@ def test_search_seeded_by_the_grid_with_asha(ray_session, workdir, tiny_folder):
     assert len(finals) == 1 and len(client.search_model_versions(f"name = '{N.DEFAULT_MODEL_NAME}'")) == 1
 
 
+@pytest.mark.slow  # the resume path also runs in test_resume.py's chain test; Ctrl-C in test_sigterm_...
 def test_interrupted_search_resumes_without_repeating_trials(ray_session, workdir, tiny_folder, capsys):
     storage = f"sqlite:///{workdir / 'optuna.db'}"
     argv = ["--data", tiny_folder, "--trials", 4, "--epochs", 2, "--scheduler", "none", "--max-concurrent", 1,
