@@ -73,8 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fixed = {**GRID_FIXED, "seed": 0, **given(args, FIXED_FLAGS)}
     from tuning.stages.grid import GridInputs  # after the flags: --help and bad flags answer at once
 
-    inputs = GridInputs(fixed, flags.floats(args.dropouts or ",".join(map(str, STUDY_GRID["dropout"]))),
-                        flags.floats(args.lrs or ",".join(map(str, STUDY_GRID["lr"]))),
+    inputs = GridInputs(fixed, flags.floats(args.dropouts) if args.dropouts else list(STUDY_GRID["dropout"]),
+                        flags.floats(args.lrs) if args.lrs else list(STUDY_GRID["lr"]),
                         flags.scheduler_settings(args, "grid_", "none"))
     then = None
     chain = [f"--{d.replace('_', '-')}" for d in CHAIN_FLAGS if getattr(args, d) is not None]

@@ -78,15 +78,7 @@ def given_flags(args, table: Mapping[str, tuple[str, str]]) -> dict[str, str]:
 
 
 def to_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=_plain)
-
-
-def _plain(value: Any) -> Any:
-    import dataclasses
-
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    raise TypeError(f"{type(value).__name__} is not JSON")
+    return json.dumps(value, sort_keys=True)
 
 
 _MISSING = object()
@@ -104,7 +96,7 @@ def _get(tree: Mapping[str, Any], key: str) -> Any:
 
 
 def _normal(value: Any) -> Any:
-    """As it reads back from JSON (tuples are lists, dataclasses dicts)."""
+    """As it reads back from JSON (tuples are lists)."""
     return json.loads(to_json(value)) if value is not _MISSING else value
 
 
