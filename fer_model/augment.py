@@ -36,19 +36,27 @@ def augment_batch(x: torch.Tensor, flip: bool, translate: int, generator: torch.
         mask = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     if translate > 0:
-        b, c, h, w = x.shape
-        padded = F.pad(x, (translate,) * 4)
-        shifts = torch.randint(0, 2 * translate + 1, (2, b), device=x.device, generator=generator)
-        rows = (torch.arange(h, device=x.device)[None, :] + shifts[0][:, None])  # (B, H)
-        cols = (torch.arange(w, device=x.device)[None, :] + shifts[1][:, None])  # (B, W)
-        batch = torch.arange(b, device=x.device)[:, None, None, None]
-        chan = torch.arange(c, device=x.device)[None, :, None, None]
-        x = padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+        shifts = torch.randint(0, 2 * translate + 1, (2, x.shape[0]), device=x.device, generator=generator) - translate
+        x = shift_batch(x, shifts[0], shifts[1], translate)
     if rotate > 0 or scale > 0:
         x = rotate_scale(x, rotate, scale, generator)
     if erase > 0:
         x = random_erase(x, erase, generator)
     return x
+
+
+def shift_batch(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int) -> torch.Tensor:
+    """Each image moved by its own offsets, zero filled: ``out[i, :, r, c] = x[i, :, r + dy[i], c + dx[i]]``.
+
+    `dy`, `dx` are (B,) integer tensors within [-pad, pad]. One gather from the zero-padded batch.
+    """
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad,) * 4)
+    rows = (torch.arange(h, device=x.device)[None, :] + (dy + pad)[:, None])  # (B, H)
+    cols = (torch.arange(w, device=x.device)[None, :] + (dx + pad)[:, None])  # (B, W)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def rotate_scale(x: torch.Tensor, degrees: float, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -185,7 +185,17 @@ class ModelSpec:
 # --------------------------------------------------------------------------- training
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-SCHEDULES = ("none", "step", "cosine", "onecycle")
+# "step", "cosine" and "onecycle" set the lr every optimizer step; "plateau" once an epoch, from validation accuracy.
+SCHEDULES = ("none", "step", "cosine", "onecycle", "plateau")
+# Test-time augmentation: class probabilities averaged over views of each image (`fer_model.inputs`).
+TTA_MODES = ("none", "flip", "tencrop")
+
+
+def check_tta(tta: str) -> str:
+    """`tta` if it is a test-time augmentation this package knows, else a ConfigError."""
+    if tta not in TTA_MODES:
+        raise ConfigError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    return tta
 
 
 @dataclass(frozen=True)
@@ -199,6 +209,7 @@ class TrainConfig:
     batch_size: int = 32
     epochs: int = 10
     schedule: str = "none"
+    warmup: int = 0  # epochs of linear lr warm-up (per step, 1/steps to 1) times the schedule's factor; 0 = off
     label_smoothing: float = 0.0
     flip: bool = False
     translate: int = 0
@@ -219,6 +230,8 @@ class TrainConfig:
              f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (_integer(self.batch_size) and self.batch_size >= 1, f"batch_size must be an integer >= 1, got {self.batch_size}"),
             (_integer(self.epochs) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs}"),
+            (_integer(self.warmup) and _integer(self.epochs) and 0 <= float(self.warmup) <= float(self.epochs),
+             f"warmup must be an integer within 0..epochs ({self.epochs}), got {self.warmup}"),
             (_integer(self.translate) and 0 <= self.translate <= 16,
              f"translate must be an integer within 0..16 pixels, got {self.translate}"),
             (finite(self.rotate) and 0 <= self.rotate <= 45, f"rotate must be in [0, 45] degrees, got {self.rotate}"),
@@ -230,7 +243,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         # Tune and YAML hand over numpy values; normalise so params and checkpoints are clean.
-        for name in ("batch_size", "epochs", "translate", "seed"):
+        for name in ("batch_size", "epochs", "warmup", "translate", "seed"):
             object.__setattr__(self, name, int(getattr(self, name)))
         for name in ("lr", "weight_decay", "label_smoothing", "rotate", "scale", "erase"):
             object.__setattr__(self, name, float(getattr(self, name)))
@@ -257,6 +270,28 @@ class TrainConfig:
                 raise ConfigError(f"unknown TrainConfig key(s) for arch {arch}: {', '.join(unknown)} "
                                   f"(known: {', '.join(known)})")
         return cls(model=ModelSpec.from_dict(model_values), **{k: v for k, v in values.items() if k in training})
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> "TrainConfig":
+        """The config whose `to_dict()` was written as strings (a trial run's MLflow params), exactly:
+        each value is read back as its key's type (``str`` of a float round-trips; ``"False"`` is False).
+        Unknown keys are refused, as by `from_dict`."""
+        defaults = cls()
+        arch = params.get("arch", DEFAULT_ARCH)
+        kinds = {name: opt.kind for name, opt in ARCHITECTURES[arch].options.items()} if arch in ARCHITECTURES else {}
+        kinds.update({name: type(getattr(defaults, name)) for name in cls.training_keys()})
+
+        def typed(key: str, text: str) -> Any:
+            kind = kinds.get(key, str)
+            if kind is bool:
+                if text not in ("True", "False"):
+                    raise ConfigError(f"{key} must be True or False, got {text!r}")
+                return text == "True"
+            if kind is int and finite(text) and float(text) == int(float(text)):
+                return int(float(text))
+            return kind(text) if kind is float and finite(text) else text  # else from_dict names the bad value
+
+        return cls.from_dict({k: typed(k, v) for k, v in params.items()})
 
     def to_dict(self) -> dict[str, Any]:
         """The flat dict `from_dict` reads back."""

@@ -48,9 +48,11 @@ def describe_test(metrics: dict[str, float]) -> str:
 
 
 def evaluate(model: nn.Module, spec: ModelSpec, split: Split, device: torch.device | str | None = None,
-             class_names: Sequence[str] = CLASS_NAMES) -> Evaluation:
-    """Accuracy, macro F1, per-class report, confusion matrix and one-vs-rest ROC on `split`."""
-    probs = predict_proba(model, split.images, spec.outputs_probabilities, device=device).numpy()
+             class_names: Sequence[str] = CLASS_NAMES, tta: str = "none") -> Evaluation:
+    """Accuracy, macro F1, per-class report, confusion matrix and one-vs-rest ROC on `split`; with
+    test-time augmentation `tta` (``flip``, ``tencrop``: `fer_model.inputs.tta_views`), of the
+    probabilities averaged over each image's views."""
+    probs = predict_proba(model, split.images, spec.outputs_probabilities, tta=tta, device=device).numpy()
     return evaluate_probabilities(probs, split.labels.cpu().numpy(), split.usage.cpu().numpy(), class_names)
 
 

@@ -6,6 +6,8 @@ One path serves training, evaluation, the registered MLflow model and `tuning.pr
     uint8 (N, 1, 48, 48)                 --to_input-->    float32 in [0, 1], the study's ToTensor scaling
     the network's outputs                --to_probabilities-->  class probabilities (softmax of logits;
                                                                   Model 1's outputs as they are)
+
+`predict_proba` optionally averages the probabilities over test-time views of each image (`tta_views`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from fer_model.config import IMAGE_SIZE, NUM_CLASSES
+from fer_model.augment import shift_batch
+from fer_model.config import IMAGE_SIZE, NUM_CLASSES, check_tta
 from fer_model.device import autocast
 
 EVAL_BATCH = 1024
+# "tencrop" test-time views: (rows, columns) offsets of the five shifted copies, each also mirrored.
+TENCROP_SHIFT = 2
+TENCROP_OFFSETS = ((0, 0), (-TENCROP_SHIFT, -TENCROP_SHIFT), (-TENCROP_SHIFT, TENCROP_SHIFT),
+                   (TENCROP_SHIFT, -TENCROP_SHIFT), (TENCROP_SHIFT, TENCROP_SHIFT))
 
 
 class ImageError(ValueError):
@@ -130,6 +137,41 @@ def to_probabilities(outputs: torch.Tensor, outputs_probabilities: bool) -> torc
     return outputs if outputs_probabilities else outputs.softmax(dim=1)
 
 
-def predict_proba(model: nn.Module, images: torch.Tensor, outputs_probabilities: bool, **kw: Any) -> torch.Tensor:
-    """Class probabilities (N, 7) of uint8 images."""
-    return to_probabilities(predict_outputs(model, images, **kw), outputs_probabilities)
+def tta_views(images: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The views of uint8 images (B, 1, 48, 48) that test-time augmentation `tta` averages over.
+
+    - ``none``: the images.
+    - ``flip``: the images and their horizontal mirrors.
+    - ``tencrop``: ten views. Ten-crop as published takes the centre and four corner crops, smaller than
+      the image, each also mirrored, for a network built for the crop's size. The networks here take
+      48x48 only, so the five crops are five 48x48 copies of the image: unshifted and shifted by
+      `TENCROP_SHIFT` pixels diagonally towards each corner, zero filled as the training-time
+      ``translate`` augmentation fills them (`fer_model.augment.shift_batch`); each is also mirrored.
+
+    An unknown `tta` is a ConfigError.
+    """
+    check_tta(tta)
+    if tta == "none":
+        return [images]
+    if tta == "flip":
+        return [images, images.flip(3)]
+    views = []
+    for dy, dx in TENCROP_OFFSETS:
+        offsets = [torch.full((images.shape[0],), d, dtype=torch.long, device=images.device) for d in (dy, dx)]
+        shifted = shift_batch(images, *offsets, TENCROP_SHIFT) if dy or dx else images
+        views += [shifted, shifted.flip(3)]
+    return views
+
+
+def predict_proba(model: nn.Module, images: torch.Tensor, outputs_probabilities: bool, tta: str = "none",
+                  batch_size: int = EVAL_BATCH, **kw: Any) -> torch.Tensor:
+    """Class probabilities (N, 7) of uint8 images; with test-time augmentation `tta` (see `tta_views`),
+    each image's probabilities are the mean of its views'. `kw` goes to `predict_outputs`."""
+    if check_tta(tta) == "none":
+        return to_probabilities(predict_outputs(model, images, batch_size=batch_size, **kw), outputs_probabilities)
+    probs = [torch.zeros(0, NUM_CLASSES)]
+    for i in range(0, images.shape[0], batch_size):  # views of one batch at a time: memory stays one batch's
+        views = tta_views(images[i:i + batch_size], tta)
+        probs.append(torch.stack([to_probabilities(predict_outputs(model, v, batch_size=batch_size, **kw),
+                                                   outputs_probabilities) for v in views]).mean(0))
+    return torch.cat(probs)

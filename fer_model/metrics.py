@@ -29,11 +29,24 @@ TEST_MACRO_F1 = "test_macro_f1"
 TEST_PUBLIC_ACC = "test_public_acc"
 TEST_PRIVATE_ACC = "test_private_acc"
 TEST_LOSS = "test_loss"
+# The final stage's test accuracy with its test-time augmentation (--tta), beside the plain TEST_ACC.
+TEST_ACC_TTA = "test_acc_tta"
+# The epoch (1-based) whose weights the final stage evaluated and registered: the best on validation.
+BEST_EPOCH = "best_epoch"
+# The final stage's ensemble (--ensemble): how many members the registered model averages, and (step k)
+# the validation accuracy of the first k ranked members averaged, which `--ensemble auto` sizes it by.
+ENSEMBLE_SIZE = "ensemble_size"
+ENSEMBLE_VAL_ACC = "ensemble_val_acc"
 
 
 def test_f1_name(class_name: str) -> str:
     """The metric name of one class's test F1 (e.g. ``test_f1_happy``)."""
     return f"test_f1_{class_name.lower()}"
+
+
+def member_metric(rank: int, name: str) -> str:
+    """A metric of ensemble member `rank` (1-based, rank order) in the final run, e.g. ``member2_test_acc``."""
+    return f"member{rank}_{name}"
 
 
 def last_val_acc(history: Sequence[Mapping[str, float]]) -> float:
@@ -45,6 +58,15 @@ def best_val_acc(history: Sequence[Mapping[str, float]]) -> float:
     """The highest validation accuracy of any epoch; NaN with no epochs."""
     values = [float(h[VAL_ACC]) for h in history if math.isfinite(h[VAL_ACC])]
     return max(values) if values else float("nan")
+
+
+def best_epoch(history: Sequence[Mapping[str, float]]) -> int:
+    """The epoch (1-based) of the highest validation accuracy, the first on a tie; 0 with none finite."""
+    best, epoch = -math.inf, 0
+    for i, h in enumerate(history):
+        if math.isfinite(h[VAL_ACC]) and h[VAL_ACC] > best:
+            best, epoch = float(h[VAL_ACC]), i + 1
+    return epoch
 
 
 def summary(history: Sequence[Mapping[str, float]]) -> dict[str, float]:

@@ -17,7 +17,9 @@ from fer_model.presets import PRESETS, STUDY_TEST_ACC
 
 FLAG_HELP = {
     "optimizer": "adam, adamw, sgd (momentum 0.9, Nesterov) or rmsprop",
-    "schedule": "none, step (StepLR 7 epochs x0.1, the study's), cosine or onecycle",
+    "schedule": "none, step (StepLR 7 epochs x0.1, the study's), cosine, onecycle, or plateau "
+                "(lr x0.5 after 2 epochs without a higher validation accuracy)",
+    "warmup": "epochs of linear lr warm-up, per step from 1/steps to 1, times the schedule (0 = off)",
     "label_smoothing": "cross-entropy label smoothing",
     "flip": "random horizontal flips (on the device, per batch)",
     "translate": "random shifts of up to N pixels, zero padded",

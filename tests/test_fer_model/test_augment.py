@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fer_model.augment import augment_batch, augmenting, random_erase, rotate_scale
+from fer_model.augment import augment_batch, augmenting, random_erase, rotate_scale, shift_batch
 from fer_model.config import TrainConfig
 from fer_model.errors import ConfigError
 
@@ -82,6 +82,19 @@ def test_random_erasing_zeroes_one_rectangle_per_chosen_image():
         assert int(erased[i].sum()) == h * w  # ... filled
         assert 0.01 <= h * w / (48 * 48) <= 0.36
     assert (random_erase(x, 1.0, gen(7)) == 0).flatten(1).any(1).all()
+
+
+def test_shift_batch_moves_each_image_by_its_own_offsets_zero_filled():
+    x = batch(n=3)
+    dy, dx = torch.tensor([0, 2, -3]), torch.tensor([0, -2, 1])
+    out = shift_batch(x, dy, dx, pad=3)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(out[0], x[0])
+    for i in (1, 2):
+        y, z = int(dy[i]), int(dx[i])
+        assert torch.equal(out[i, 0, 5:40, 5:40], x[i, 0, 5 + y:40 + y, 5 + z:40 + z])  # out[r, c] = x[r + dy, c + dx]
+    assert (out[1, 0, -2:] == 0).all() and (out[1, 0, :, :2] == 0).all()  # where image 1 moved away from
+    assert (out[2, 0, :3] == 0).all() and (out[2, 0, :, -1:] == 0).all()
 
 
 def test_the_options_are_validated_train_config_keys():

@@ -1,9 +1,11 @@
-"""fit(): it learns, it is deterministic, it resumes exactly, it reports divergence as a result."""
+"""fit(): it learns, it is deterministic, it resumes exactly, it reports divergence as a result;
+its schedules (plateau, warm-up) and the best epoch's weights."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +14,9 @@ from fer_model import metrics as M
 from fer_model.augment import augment_batch
 from fer_model.errors import ConfigError
 from fer_model.config import TrainConfig
-from fer_model.training import fit, load_checkpoint, lr_factor, make_optimizer, save_checkpoint
+from fer_model.inputs import predict_outputs
+from fer_model.training import (PLATEAU_FACTOR, PLATEAU_PATIENCE, Plateau, _check_resumable, fit, load_checkpoint,
+                                lr_factor, make_optimizer, save_checkpoint)
 
 def config(**values) -> TrainConfig:
     """A config from flat keys, as Tune and presets give them."""
@@ -25,6 +29,28 @@ FAST = dict(batch_size=32, lr=2e-3, dropout=0.3, conv3_channels=64, hidden=64)
 @pytest.fixture(scope="module")
 def tiny(tiny_folder):
     return D.load(D.DataConfig(path=str(tiny_folder), val_fraction=0.25), progress=False)
+
+
+@pytest.fixture(scope="module")
+def small():
+    """Learnable like `tiny` but a quarter of its size (56 train, 28 validation images): fast epochs."""
+    from synthetic import make_images
+
+    def split(per_class: int, seed: int) -> D.Split:
+        labels = np.repeat(np.arange(7), per_class)
+        return D.Split(torch.from_numpy(make_images(labels, seed))[:, None], torch.from_numpy(labels),
+                       torch.zeros(len(labels), dtype=torch.int8))
+
+    return D.FerData(split(8, 0), split(4, 1), split(4, 2), "synthetic", "small")
+
+
+def lrs(history) -> list[float]:
+    """The lr of each epoch's first step."""
+    return [row[M.LR] for row in history]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
 def test_a_short_run_really_learns(tiny):
@@ -83,7 +109,8 @@ def test_every_optimizer_trains(tiny, optimizer):
 
 
 @pytest.mark.parametrize("bad", [dict(lr=0), dict(lr=-1e-3), dict(dropout=1.0), dict(dropout=-0.1),
-                                 dict(optimizer="lbfgs"), dict(batch_size=0), dict(schedule="exp"), dict(epochs=0)])
+                                 dict(optimizer="lbfgs"), dict(batch_size=0), dict(schedule="exp"), dict(epochs=0),
+                                 dict(warmup=-1), dict(warmup=1.5), dict(warmup=11, epochs=10), dict(warmup="two")])
 def test_bad_configs_are_rejected(bad):
     with pytest.raises(ConfigError):
         config(**bad)
@@ -116,6 +143,114 @@ def test_schedules():
     assert lr_factor("step", 69, 10, 150) == 1.0 and lr_factor("step", 70, 10, 150) == pytest.approx(0.1)
     assert lr_factor("cosine", 0, 10, 100) == 1.0 and lr_factor("cosine", 100, 10, 100) == pytest.approx(0.0)
     assert lr_factor("onecycle", 0, 10, 100) == pytest.approx(0.04) and lr_factor("onecycle", 30, 10, 100) == pytest.approx(1.0)
+    assert lr_factor("plateau", 500, 10, 100) == 1.0  # per step; its cuts come per epoch (Plateau)
+    assert config(schedule="plateau", warmup=3, epochs=3).to_dict()["warmup"] == 3
+
+
+def test_warmup_multiplies_the_schedule_by_a_linear_ramp():
+    assert [lr_factor("none", s, 10, 100, warmup_steps=4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_factor("cosine", 1, 10, 100, warmup_steps=4) == pytest.approx(0.5 * lr_factor("cosine", 1, 10, 100))
+    assert lr_factor("step", 80, 10, 150, warmup_steps=20) == pytest.approx(0.1)  # over: the schedule alone
+    for schedule in ("none", "step", "cosine", "onecycle", "plateau"):  # warmup 0 changes nothing
+        assert all(lr_factor(schedule, s, 10, 100, warmup_steps=0) == lr_factor(schedule, s, 10, 100)
+                   for s in range(120))
+
+
+def test_warmup_ramps_the_optimizer_lr_over_its_first_steps(small):
+    # batch 28: 2 steps an epoch; warm-up 2 epochs = 4 steps, so epochs start at lr/4, 3lr/4, then lr.
+    cfg = config(epochs=3, warmup=2, **{**FAST, "batch_size": 28})
+    assert lrs(fit(cfg, small, device="cpu").history) == pytest.approx([cfg.lr / 4, 3 * cfg.lr / 4, cfg.lr])
+    assert lrs(fit(cfg.replace(warmup=0), small, device="cpu").history) == [cfg.lr] * 3
+    assert TrainConfig().warmup == 0  # the presets and the study's grid do not move
+
+
+def test_plateau_cuts_after_patience_epochs_without_improvement():
+    assert (PLATEAU_FACTOR, PLATEAU_PATIENCE) == (0.5, 2)
+    p = Plateau()
+    cuts = [p.step(acc) for acc in (0.5, 0.6, 0.6, 0.55, 0.7, 0.65, 0.7, 0.71)]
+    assert cuts == [False, False, False, True, False, False, True, False]  # equal is no improvement
+    assert p.factor == 0.25 and (p.best, p.bad_epochs) == (0.71, 0)
+
+
+# An lr this small leaves validation accuracy as it is after the first epoch: every epoch after it is "no
+# improvement". Batch 28: 2 steps an epoch, so a 1-epoch warm-up starts at half the lr.
+STILL = dict(epochs=4, schedule="plateau", warmup=1, lr=1e-9, batch_size=28, conv3_channels=64, hidden=64)
+
+
+def test_plateau_in_fit_cuts_the_lr_and_resumes_exactly(small, tmp_path):
+    cfg = config(**STILL)
+    full = fit(cfg, small, device="cpu")
+    assert len({row[M.VAL_ACC] for row in full.history}) == 1, "the validation accuracy must not move"
+    # Warm-up in epoch 1, which sets the best; epochs 2 and 3 do not beat it: the lr halves after epoch 3.
+    assert lrs(full.history) == [5e-10, 1e-9, 1e-9, 5e-10]
+    for stop_after in (2, 3):  # mid-count, and just after the cut
+        path = tmp_path / f"ckpt{stop_after}.pt"
+        part = fit(cfg, small, device="cpu",
+                   on_epoch=lambda r: (save_checkpoint(r.state(), path), r.epoch == stop_after)[1])
+        assert part.epochs_completed == stop_after
+        ckpt = load_checkpoint(path)
+        assert ckpt["plateau"]["bad_epochs"] == (stop_after - 1) % PLATEAU_PATIENCE
+        resumed = fit(cfg, small, device="cpu", resume=ckpt)
+        assert lrs(resumed.history) == lrs(full.history), stop_after
+        assert same_weights(resumed.model.state_dict(), full.model.state_dict())
+
+
+def test_a_checkpoint_from_before_warmup_still_resumes():
+    cfg = TrainConfig()
+    old = {k: v for k, v in cfg.to_dict().items() if k != "warmup"}
+    ckpt = {"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1, "history": [], "rng": {}, "config": old}
+    _check_resumable(cfg, ckpt)  # a missing training key is its default: no error
+    with pytest.raises(ConfigError, match="warmup"):
+        _check_resumable(cfg.replace(warmup=1), ckpt)
+
+
+def _zero_at(epoch: int, snapshots: dict):
+    """An epoch callback that keeps each epoch's weights and, after `epoch`, zeroes the model (the state's
+    tensors are the live ones): the epochs after it fall to about chance, below the ones before."""
+    def on_epoch(r):
+        weights = r.state()["model"]
+        snapshots[r.epoch] = {k: v.clone() for k, v in weights.items()}
+        if r.epoch == epoch:
+            for v in weights.values():
+                v.zero_()
+    return on_epoch
+
+
+def test_keep_best_returns_and_evaluates_the_best_validation_epoch(small):
+    cfg = config(epochs=3, **FAST)
+    seen: dict = {}
+    best = fit(cfg, small, device="cpu", on_epoch=_zero_at(2, seen), keep_best=True)
+    acc = [row[M.VAL_ACC] for row in best.history]
+    assert acc[2] < max(acc[:2]), acc
+    assert best.best_epoch == best.model_epoch == 1 + acc.index(max(acc)) < 3
+    assert same_weights(best.model.state_dict(), seen[best.best_epoch])
+    out = predict_outputs(best.model, small.val.images, "cpu", channels_last=cfg.channels_last, bf16=cfg.bf16)
+    assert (out.argmax(1) == small.val.labels).float().mean().item() == acc[best.best_epoch - 1]
+
+    last = fit(cfg, small, device="cpu", on_epoch=_zero_at(2, seen))  # the default: the last epoch, as before
+    assert (last.model_epoch, last.best_epoch) == (3, best.best_epoch)
+    assert same_weights(last.model.state_dict(), seen[3])
+
+
+def test_keep_best_survives_a_resume(small, tmp_path):
+    # Zeroed after epoch 2, stopped after 3: the best (epoch 1 or 2) is only in the checkpoint.
+    cfg = config(epochs=4, **FAST)
+    full = fit(cfg, small, device="cpu", on_epoch=_zero_at(2, {}), keep_best=True)
+    assert full.model_epoch <= 2
+    path = tmp_path / "ckpt.pt"
+    zero = _zero_at(2, {})
+    part = fit(cfg, small, device="cpu", keep_best=True,
+               on_epoch=lambda r: (zero(r), save_checkpoint(r.state(), path), r.epoch == 3)[2])
+    assert part.epochs_completed == 3
+    ckpt = load_checkpoint(path)
+    assert ckpt["best"]["epoch"] == full.model_epoch
+    resumed = fit(cfg, small, device="cpu", resume=ckpt, keep_best=True)
+    assert resumed.model_epoch == full.model_epoch
+    assert same_weights(resumed.model.state_dict(), full.model.state_dict())
+    # A checkpoint without the best weights (older, or written without keep_best): the best among its epoch and later.
+    del ckpt["best"]
+    older = fit(cfg, small, device="cpu", resume=ckpt, keep_best=True)
+    assert older.model_epoch in (3, 4) and older.best_epoch == full.model_epoch
 
 
 def test_augmentation_flips_and_translates_whole_batches():
