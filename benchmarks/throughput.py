@@ -10,8 +10,10 @@ one process on the same machine:
   ours-nchw   `fer_model.training.train_one_epoch` on uint8 tensors in memory, with the
               reference's arithmetic (fp32, channels-first): isolates the data pipeline;
   ours-fp32   the same in channels_last memory format: adds the memory-format effect;
-  ours        the default TrainConfig: channels_last and bf16 autocast where the hardware has it
-              natively (CUDA, or CPUs with AVX512-BF16/AMX): adds the precision effect.
+  ours        the default TrainConfig: channels_last, fused Adam, and bf16 autocast where the hardware
+              has it natively (CUDA, or CPUs with AVX512-BF16/AMX): adds the precision effect;
+  packed      on a CPU: one `ours` process per core, one thread each, run at once (as Tune packs
+              1-CPU trials); the row is their summed images per second.
 
 Each row is timed over --images training images after --warmup untimed ones, --repeats times;
 the best repeat is reported (the one least disturbed by other load), the median beside it.
@@ -39,6 +41,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from benchmarks.machine import cpu_flags  # noqa: E402
 from fer_model.data import DataConfig, Split, load  # noqa: E402
 from fer_model.model import build_model  # noqa: E402
 from fer_model.config import ModelSpec, TrainConfig  # noqa: E402
@@ -134,14 +137,18 @@ def time_ours(train: Split, cfg: TrainConfig, args, device: torch.device) -> lis
     return [run(timed) for _ in range(args.repeats)]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def time_packed(args) -> list[float]:
+    """Seconds per repeat for the images of all packed processes together: one `ours` process per core,
+    one thread each, started at once; a repeat's images/s is the sum of theirs."""
+    import subprocess
+
+    n = os.cpu_count() or 1
+    cmd = [sys.executable, __file__, "--only", "ours", "--threads", "1", "--data", args.data, "--images", str(args.images),
+           "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--batch-size", str(args.batch_size)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    per_proc = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    # Repeat r: n processes each trained args.images images; as one rate, the sum of the rates.
+    return [args.images / sum(args.images / s[r] for s in per_proc) for r in range(args.repeats)]
 
 
 def main() -> None:
@@ -157,6 +164,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0, help="reference DataLoader num_workers (notebook: 0)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
+    p.add_argument("--only", choices=["ours"], help=argparse.SUPPRESS)  # one row, for the packed row's processes
+    p.add_argument("--no-packed", action="store_true", help="skip the packed row")
     args = p.parse_args()
     if min(args.images, args.warmup, args.repeats, args.batch_size) < 1:
         p.error("--images, --warmup, --repeats and --batch-size must be >= 1")
@@ -166,11 +175,16 @@ def main() -> None:
 
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-           "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+           **cpu_flags(), "threads": torch.get_num_threads(),
            "interop_threads": torch.get_num_interop_threads(), "batch_size": args.batch_size,
            "images": args.images, "warmup": args.warmup, "repeats": args.repeats, "workers": args.workers}
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
 
+    if args.only:  # a process of the packed row: time `ours`, print the seconds per repeat as JSON
+        train = load(DataConfig(path=args.data), progress=False).train
+        cfg = TrainConfig.from_dict(dict(arch="cnn", dropout=DROPOUT, optimizer="adam", lr=LR, batch_size=args.batch_size))
+        print(json.dumps(time_ours(train, cfg, args, device)))
+        return
     # Setup (extraction, decoding, the ImageFolder scan) is done before and outside any timing.
     # Without --extract-dir the ~28k extracted files go to a temp dir removed at exit.
     tmp = None if args.extract_dir else tempfile.TemporaryDirectory(prefix="fer2013-imagefolder-")
@@ -190,6 +204,8 @@ def run_rows(args, device: torch.device, env: dict, train_dir: Path) -> None:
         "ours-fp32": lambda: time_ours(train, TrainConfig.from_dict({**base, "bf16": False}), args, device),
         "ours": lambda: time_ours(train, TrainConfig.from_dict(base), args, device),
     }
+    if device.type == "cpu" and not args.no_packed and (os.cpu_count() or 1) > 1:
+        rows["packed"] = lambda: time_packed(args)
     results = []
     for name, measure in rows.items():
         seconds = measure()

@@ -15,6 +15,7 @@ from fer_model import metrics as M
 from fer_model.cli import drop_log_messages, sigterm_as_ctrl_c
 from fer_model.errors import UserError, first_line
 from tuning.flags import ClusterOptions
+from tuning import phases
 from tuning.outcomes import BudgetStopper, TrialOutcomes, TrialRow, summarize
 from tuning.trainable import EPOCH, TrialSetup, train_trial
 
@@ -36,8 +37,10 @@ def init_ray(cluster: ClusterOptions) -> bool:
     try:
         # "local": a new Ray of our own, never a cluster someone else started with `ray start` on this
         # machine (which a plain ray.init() would join silently).
-        context = ray.init(address=cluster.address or "local", include_dashboard=cluster.dashboard, dashboard_host="127.0.0.1",
-                           configure_logging=True, logging_level=logging.WARNING, log_to_driver=True)
+        with phases.DRIVER.time(phases.RAY_START):
+            context = ray.init(address=cluster.address or "local", include_dashboard=cluster.dashboard,
+                               dashboard_host="127.0.0.1", configure_logging=True, logging_level=logging.WARNING,
+                               log_to_driver=True)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise UserError(f"cannot join the Ray cluster at {cluster.address!r}: {first_line(exc)}") from None
     sigterm_as_ctrl_c()  # ray.init installed its own, which aborts mid-Tune
@@ -143,11 +146,12 @@ def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, para
     # On Ctrl-C Tune advises "Resume experiment with: Tuner.restore(...)", Python a user of these
     # commands never writes; the stage's own message names the command with --resume.
     drop_log_messages("ray.tune.tune", "Experiment has been interrupted")
-    trainable = tune.with_resources(
-        # data: one object-store copy shared by every trial
-        tune.with_parameters(train_trial, data=data, setup=setup, name_keys=tuple(name_keys)),
-        {"cpu": cluster.cpus_per_trial, "gpu": gpu_share(cluster)},
-    )
+    with phases.DRIVER.time(phases.SHIP_DATA):
+        trainable = tune.with_resources(
+            # data: one object-store copy shared by every trial
+            tune.with_parameters(train_trial, data=data, setup=setup, name_keys=tuple(name_keys)),
+            {"cpu": cluster.cpus_per_trial, "gpu": gpu_share(cluster)},
+        )
     total = grid_size(param_space, num_samples)
     if restore_path:
         # Finished trials are kept; unfinished and errored ones continue from their last checkpoint.
@@ -158,7 +162,11 @@ def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, para
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric=M.SELECTION_METRIC, mode=M.SELECTION_MODE, search_alg=search_alg, scheduler=scheduler,
-                num_samples=num_samples, max_concurrent_trials=cluster.max_concurrent),
+                num_samples=num_samples, max_concurrent_trials=cluster.max_concurrent,
+                # A new trial runs in the process the last one finished in: a fresh worker first imports
+                # torch, Ray Tune and MLflow (~7 s on 2 idle cores, ~12 s beside a training trial) and
+                # opens its MLflow store again (benchmarks/pipeline.py; RESULTS.md).
+                reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name, storage_path=cluster.storage,
                 stop=BudgetStopper(time_budget_s, setup.tracking_uri, setup.parent_run_id) if time_budget_s else None,
@@ -172,6 +180,7 @@ def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, para
     print(f"{'continuing' if restore_path else 'running'} Tune experiment {name}"
           f"{f' ({total} trials)' if total else ''}: a line as each trial ends"
           + ("" if tune_verbose() else f"; Ray's own progress tables with --verbose"), flush=True)
-    with legacy_tune_output():
+    with legacy_tune_output(), phases.DRIVER.time(phases.TRIALS):
         results = tuner.fit()
-    return summarize(results, setup, expected=num_samples if search_alg is not None else None)
+    with phases.DRIVER.time(phases.CONCLUDE):
+        return summarize(results, setup, expected=num_samples if search_alg is not None else None)

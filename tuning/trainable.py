@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from fer_model.config import TrainConfig
 from fer_model.data import FerData
 from fer_model.training import EpochResult, fit, load_checkpoint, save_checkpoint
 from tuning import names as N
+from tuning import phases
 from tuning.trial_tracker import TrialTracker
 
 STATE_FILE = "state.pt"
@@ -76,11 +78,13 @@ def train_trial(config: dict[str, Any], data: FerData, setup: TrialSetup, name_k
             resume = load_checkpoint(Path(d) / STATE_FILE)
             run_id = json.loads((Path(d) / META_FILE).read_text()).get(RUN_ID)
 
+    timed = phases.Phases()
     tags = where()
     if resume is not None:
         tags[TAG_RESUMED_FROM] = str(len(resume["history"]))
-    tracker = TrialTracker.open(setup.tracking_uri, setup.experiment_id, setup.parent_run_id, ctx.get_trial_id(),
-                                run_name(cfg.to_dict(), list(name_keys)), cfg.to_dict(), tags, run_id)
+    with timed.time(phases.TRIAL_OPEN):
+        tracker = TrialTracker.open(setup.tracking_uri, setup.experiment_id, setup.parent_run_id, ctx.get_trial_id(),
+                                    run_name(cfg.to_dict(), list(name_keys)), cfg.to_dict(), tags, run_id)
     best = M.best_val_acc(resume["history"]) if resume else float("nan")
     if resume is not None:
         # Epochs the checkpoint has but the run lacks: their writes were still queued when the last
@@ -94,14 +98,19 @@ def train_trial(config: dict[str, Any], data: FerData, setup: TrialSetup, name_k
         val = r.metrics[M.VAL_ACC]
         best = val if not math.isfinite(best) or val > best else best
         tracker.log_epoch(r.epoch, {**r.metrics, M.BEST_VAL_ACC: best})
-        with tempfile.TemporaryDirectory() as d:
+        with timed.time(phases.TRIAL_CHECKPOINT), tempfile.TemporaryDirectory() as d:
             save_checkpoint(r.state(), Path(d) / STATE_FILE)
             (Path(d) / META_FILE).write_text(json.dumps({RUN_ID: tracker.run_id, EPOCH: r.epoch}))
             # Persisted by Ray before report returns, so the temporary folder can go.
             tune.report({**r.metrics, M.BEST_VAL_ACC: best, EPOCH: r.epoch, RUN_ID: tracker.run_id},
                         checkpoint=tune.Checkpoint.from_directory(d))
 
+    t0 = time.perf_counter()
     try:
         fit(cfg, data, on_epoch=on_epoch, device=device, resume=resume)
     finally:
-        tracker.close()  # also when ASHA stops the trial (Tune ends it inside tune.report)
+        timed.add(phases.TRIAL_FIT, time.perf_counter() - t0 - timed.seconds.get(phases.TRIAL_CHECKPOINT, 0.0))
+        tracker.log_summary(timed.take())
+        t0 = time.perf_counter()
+        if tracker.close():  # also when ASHA stops the trial (Tune ends it inside tune.report)
+            tracker.log_summary({phases.metric(phases.TRIAL_MLFLOW_WAIT): time.perf_counter() - t0}, wait=True)

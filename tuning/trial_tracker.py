@@ -71,16 +71,31 @@ class TrialTracker:
         self.last_step = epoch
         self._queue.put((epoch, dict(metrics), time.monotonic(), int(time.time() * 1000)))
 
-    def close(self, timeout: float = DRAIN_SECONDS) -> None:
-        """Wait for every queued write (at most `timeout` seconds) and say how many were delayed."""
+    def log_summary(self, metrics: Mapping[str, float], wait: bool = False) -> None:
+        """Metrics of the whole trial (its phases' seconds), at its last epoch's step: queued, or
+        written at once with `wait` (after `close`; best effort, a failed write is only logged)."""
+        if not wait:
+            self._queue.put((self.last_step, dict(metrics), time.monotonic(), int(time.time() * 1000)))
+            return
+        stamp = int(time.time() * 1000)
+        try:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), stamp, self.last_step) for k, v in metrics.items()])
+        except Exception as exc:  # noqa: BLE001 - timings are not worth failing a trial over
+            log.info("MLflow: run %s: trial timings not written (%s)", self.run_id, exc)
+
+    def close(self, timeout: float = DRAIN_SECONDS) -> bool:
+        """Wait for every queued write (at most `timeout` seconds) and say how many were delayed;
+        True when all of them were written."""
         self._queue.put((_STOP, None, 0.0, 0))
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("MLflow: run %s: %d epoch write(s) still unsent after %.0f s; the tracking store is unreachable",
                         self.run_id, self._queue.qsize(), timeout)
-        elif self.delayed:
+            return False
+        if self.delayed:
             log.warning("MLflow: run %s: %d epoch write(s) were delayed by the tracking store (longest %.1f s); none lost",
                         self.run_id, self.delayed, self.longest_delay)
+        return True
 
     def _drain(self) -> None:
         while True:

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from fer_model import metrics as M
 from fer_model.config import DataConfig
 from fer_model.data import FerData
-from tuning import describe
+from tuning import describe, phases
 from tuning.flags import ClusterOptions, TrackingOptions
 from tuning.outcomes import TrialRow, best_row
 from tuning.tracking import log_files, log_metrics, record_best
@@ -61,14 +61,17 @@ def data_params(ctx: StageContext) -> dict[str, Any]:
 def conclude(ctx: StageContext, stage: str, parent_run_id: str, rows: list[TrialRow],
              artifacts: Callable[[Path], Sequence[Path]], study_name: str | None = None) -> StageResult:
     """The end every trial stage shares: pick the best, log the stage's files, record the best config."""
-    best = best_row(rows)
-    with tempfile.TemporaryDirectory() as d:
-        log_files(ctx.client, parent_run_id, artifacts(Path(d)))
-    record_best(ctx.client, parent_run_id, best.config, best.run_id)
-    describe.set_stage_description(ctx.client, parent_run_id, stage, rows, best, study_name,
-                                   full_data=ctx.data_config.max_samples is None)
-    log_metrics(ctx.client, parent_run_id, {M.VAL_ACC: best.val_acc})  # the runs table sorts parents too
-    per_node = Counter(r.node for r in rows if r.node)
-    if len(per_node) > 1:  # on a cluster: where the trials ran
-        print("trials per node: " + ", ".join(f"{node}: {n}" for node, n in sorted(per_node.items())))
+    with phases.DRIVER.time(phases.CONCLUDE):
+        best = best_row(rows)
+        with tempfile.TemporaryDirectory() as d:
+            log_files(ctx.client, parent_run_id, artifacts(Path(d)))
+        record_best(ctx.client, parent_run_id, best.config, best.run_id)
+        describe.set_stage_description(ctx.client, parent_run_id, stage, rows, best, study_name,
+                                       full_data=ctx.data_config.max_samples is None)
+        log_metrics(ctx.client, parent_run_id, {M.VAL_ACC: best.val_acc})  # the runs table sorts parents too
+        per_node = Counter(r.node for r in rows if r.node)
+        if len(per_node) > 1:  # on a cluster: where the trials ran
+            print("trials per node: " + ", ".join(f"{node}: {n}" for node, n in sorted(per_node.items())))
+    # Where this command's time went so far (Ray's start and the data load go on the first stage's run).
+    log_metrics(ctx.client, parent_run_id, phases.DRIVER.take())
     return StageResult(stage, parent_run_id, rows, best, study_name)
