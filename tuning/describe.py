@@ -275,33 +275,49 @@ def model_line(config: Mapping[str, Any], parameters: int, outputs_probabilities
     return f"`{arch}` ({_model_options(config)}), {what}{out}: {parameters:,} parameters; trained with {_training_line(config)}."
 
 
+def _members_text(members: int) -> str:
+    """``ensemble of 3, member 1: `` before a member's model line; nothing for a single model."""
+    return f"ensemble of {members}, member 1: " if members else ""
+
+
+def ensemble_text(ensemble: str) -> str:
+    """An ensemble's paragraph (`FinalResult.ensemble_line`); empty for a single model."""
+    return (f"**Ensemble**: {ensemble}. Member 1 is the network described here; each member's configuration is "
+            "a param `member<k>_config` of the final run, their class probabilities are averaged.") if ensemble else ""
+
+
 def version_description(config: Mapping[str, Any], parameters: int, outputs_probabilities: bool,
                         metrics: Mapping[str, float], *, run_id: str, source_run_id: str, best_trial_run_id: str | None,
-                        test_size: int, fingerprint: str, full_data: bool = True) -> str:
-    """A model version's description: the model, its input and output, its test numbers and data, its run."""
+                        test_size: int, fingerprint: str, full_data: bool = True, members: int = 0,
+                        ensemble: str = "") -> str:
+    """A model version's description: the model, its input and output, its test numbers and data, its run;
+    for an ensemble of `members` networks (`ensemble`: its line), member 1's model and the ensemble's numbers."""
     f1 = metrics.get(M.TEST_MACRO_F1, float("nan"))
-    return "\n\n".join([  # the first line plain: the versions table shows its beginning
-        f"Test accuracy {_pct(metrics.get(M.TEST_ACC))}, macro F1 {f1:.4f}; {config.get('arch')}, {parameters:,} parameters, "
+    return "\n\n".join(filter(None, [  # the first line plain: the versions table shows its beginning
+        f"Test accuracy {_pct(metrics.get(M.TEST_ACC))}, macro F1 {f1:.4f}; {_members_text(members)}"
+        f"{config.get('arch')}, {parameters:,} parameters, "
         f"{config.get('optimizer')} lr {value_text('lr', config.get('lr'))}, {_epochs(config.get('epochs'))}; "
         f"final run {run_id}.",
         f"{MODEL_HEADING}: {model_line(config, parameters, outputs_probabilities)}",
+        ensemble_text(ensemble),
         model_io_lines(),
         test_table(metrics, full_data),
         f"Test set: {test_size:,} images, data fingerprint `{fingerprint[:16]}`.",
         f"Made by final run `{run_id}`, which retrained the best of run `{source_run_id}`"
-        + (f" (best trial run `{best_trial_run_id}`)" if best_trial_run_id else "") + "."])
+        + (f" (best trial run `{best_trial_run_id}`)" if best_trial_run_id else "") + "."]))
 
 
 def registered_model_description(name: str, version: str, config: Mapping[str, Any], parameters: int,
                                  outputs_probabilities: bool, metrics: Mapping[str, float], *, run_id: str,
-                                 test_size: int, fingerprint: str) -> str:
+                                 test_size: int, fingerprint: str, members: int = 0) -> str:
     """The registered model's description: what every version is, and the newest version's numbers."""
     return "\n\n".join([
         f"{MODEL_HEADING}: 7 facial expressions from 48x48 grayscale faces (FER2013), "
         "a CNN trained by this project's grid and search stages (`tuning`). Each version's description "
         "and tags carry its own test numbers; promotion moves the `champion` alias.",
         model_io_lines(),
-        f"**Newest version {version}**: {model_line(config, parameters, outputs_probabilities)} "
+        f"**Newest version {version}**: {_members_text(members)}"
+        f"{model_line(config, parameters, outputs_probabilities)} "
         f"Test accuracy {_pct(metrics.get(M.TEST_ACC))}, macro F1 "
         f"{metrics.get(M.TEST_MACRO_F1, float('nan')):.4f} on {test_size:,} test images "
         f"(data fingerprint `{fingerprint[:16]}`); run `{run_id}`. See `models:/{name}/{version}`."])

@@ -2,6 +2,7 @@
 for a finished grid or search run (its `best_config` tag).
 
     python -m tuning.final --run-id PARENT_RUN_ID [--final-epochs 15] [--data PATH] ...
+    python -m tuning.final --run-id PARENT_RUN_ID --ensemble 3   # the 3 best trials, retrained and averaged
 """
 
 from __future__ import annotations
@@ -22,10 +23,15 @@ def build_parser() -> Parser:
     return p
 
 
+def options(args) -> flags.CommonOptions:
+    """The validated flags (no cluster: the final stage trains in this process)."""
+    return flags.CommonOptions(flags.data_config(args), flags.tracking_options(args), flags.ClusterOptions(),
+                               flags.final_options(args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    opts = flags.CommonOptions(flags.data_config(args), flags.tracking_options(args), flags.ClusterOptions(),
-                               flags.final_options(args))
+    opts = options(args)
     from tuning import pipeline
 
     pipeline.retrain(opts, args.run_id)

@@ -16,11 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from fer_model.config import DataConfig
+from fer_model.config import TTA_MODES, DataConfig
 from fer_model.errors import ConfigError, DataError, UserError, first_line
 from tuning.names import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
 
 DEFAULT_FINAL_EPOCHS = 15  # the study's retrain of its grid winner
+# --ensemble auto: the final stage retrains up to this many of the best trials, keeping those that help on validation.
+ENSEMBLE_AUTO, ENSEMBLE_AUTO_MAX = "auto", 5
 FINAL_EPOCHS_RATIO = 1.5  # the study: 15 final epochs after 10-epoch trials; --final-epochs follows --epochs so
 SQLITE = "sqlite:///"
 
@@ -251,6 +253,18 @@ class FinalOptions:
     device: str | None = None
     promote: bool = False  # then the guarded promotion of the new version to `champion`
     why_epochs: str = ""  # where `epochs` came from, for the plan line
+    # Test-time augmentation of the final evaluation (logged beside the plain one) and of the registered
+    # model. Off by default: the registered model then answers exactly as the network alone.
+    tta: str = "none"
+    # --ensemble: "K" (the K best trials, each retrained) or ENSEMBLE_AUTO (sized on validation); None: one model.
+    ensemble: str | None = None
+
+    @property
+    def ensemble_candidates(self) -> int:
+        """How many of the source stage's best trials the final stage may retrain: 1 without --ensemble."""
+        if self.ensemble is None:
+            return 1
+        return ENSEMBLE_AUTO_MAX if self.ensemble == ENSEMBLE_AUTO else int(self.ensemble)
 
 
 def add_final_flags(p: argparse.ArgumentParser, optional: bool = True) -> None:
@@ -261,6 +275,14 @@ def add_final_flags(p: argparse.ArgumentParser, optional: bool = True) -> None:
     g.add_argument("--device", help="device of the final retrain (default cuda if available)")
     g.add_argument("--promote", action="store_true", default=None,
                    help="then promote the new version to champion if it beats the champion (as python -m tuning.promote)")
+    g.add_argument("--tta", choices=TTA_MODES,
+                   help="test-time augmentation of the final evaluation and the registered model: class probabilities "
+                        "averaged over the image and its mirror (flip), or over 5 shifted copies and their mirrors "
+                        "(tencrop); test accuracy is logged with and without it (default none)")
+    g.add_argument("--ensemble", metavar="K|auto",
+                   help="register an ensemble: the K best trials by validation accuracy, each retrained as the final "
+                        f"model is, their class probabilities averaged; auto: up to {ENSEMBLE_AUTO_MAX}, added in rank "
+                        "order while validation accuracy rises (default: one model)")
 
 
 def final_options(args: argparse.Namespace, trial_epochs: int | None = None) -> FinalOptions:
@@ -281,13 +303,31 @@ def final_options(args: argparse.Namespace, trial_epochs: int | None = None) -> 
     enabled = not getattr(args, "no_final", None)
     if not enabled:
         given = [f for f, v in (("--promote", args.promote), ("--device", args.device),
-                                ("--final-epochs", getattr(args, "final_epochs_given", args.final_epochs))) if v]
+                                ("--final-epochs", getattr(args, "final_epochs_given", args.final_epochs)),
+                                ("--tta", args.tta), ("--ensemble", getattr(args, "ensemble", None))) if v]
         if given:
             raise ConfigError(f"{', '.join(given)} need(s) the final stage: drop --no-final")
-    return FinalOptions(enabled, epochs, args.device, bool(args.promote), why)
+    return FinalOptions(enabled, epochs, args.device, bool(args.promote), why, _or(args.tta, "none"),
+                        ensemble_option(getattr(args, "ensemble", None)))
+
+
+def ensemble_option(value: str | None) -> str | None:
+    """--ensemble's value as stored: an integer >= 2 ("3") or ENSEMBLE_AUTO; None when not given."""
+    if value is None or value == ENSEMBLE_AUTO:
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if k < 2:
+        raise ConfigError(f"--ensemble must be an integer >= 2 or {ENSEMBLE_AUTO}, got {value!r}")
+    return str(k)
 
 
 # --------------------------------------------------------------------------- early stopping
+
+
+DEFAULT_GRACE_PERIOD = 2
 
 
 @dataclass(frozen=True)
@@ -295,7 +335,7 @@ class SchedulerSettings:
     """Early stopping of poor trials: ASHA on validation accuracy per epoch, or none."""
 
     kind: str = "none"  # "asha" or "none"
-    grace_period: int = 2
+    grace_period: int = DEFAULT_GRACE_PERIOD
     reduction_factor: float = 3.0
 
     def __post_init__(self) -> None:
@@ -319,25 +359,27 @@ def add_scheduler_flags(group: argparse._ArgumentGroup, flag_prefix: str, dest_p
     group.add_argument(f"--{flag_prefix}scheduler", dest=f"{dest_prefix}scheduler", choices=["asha", "none"],
                        help=f"asha: stop poor {what} trials early on validation accuracy; none: run all to the end (default {default})")
     group.add_argument(f"--{flag_prefix}grace-period", dest=f"{dest_prefix}grace_period", type=int,
-                       help=f"ASHA: epochs before a {what} trial can be stopped (default 2)")
+                       help=f"ASHA: epochs before a {what} trial can be stopped (default {DEFAULT_GRACE_PERIOD}; "
+                            "--space strong: 5)")
     group.add_argument(f"--{flag_prefix}reduction-factor", dest=f"{dest_prefix}reduction_factor", type=float,
                        help=f"ASHA: keep 1/this of {what} trials at each rung (default 3)")
 
 
-def scheduler_settings(args: argparse.Namespace, dest_prefix: str, default: str, flag_prefix: str = "") -> SchedulerSettings:
+def scheduler_settings(args: argparse.Namespace, dest_prefix: str, default: str, flag_prefix: str = "",
+                       grace_period: int = DEFAULT_GRACE_PERIOD) -> SchedulerSettings:
     value = lambda name, fallback: _or(getattr(args, dest_prefix + name), fallback)
     if value("scheduler", default) != "asha":
         flag = "--" + flag_prefix
         unused = [f"{flag}{n}" for n in ("grace-period", "reduction-factor") if getattr(args, dest_prefix + n.replace("-", "_")) is not None]
         if unused:
             raise ConfigError(f"{', '.join(unused)} only apply with {flag}scheduler asha")
-    return SchedulerSettings(value("scheduler", default), value("grace_period", 2), value("reduction_factor", 3.0))
+    return SchedulerSettings(value("scheduler", default), value("grace_period", grace_period), value("reduction_factor", 3.0))
 
 
 # --------------------------------------------------------------------------- the search
 
 DEFAULT_TRIALS = 30
-DEFAULT_SEARCH_EPOCHS = 15
+DEFAULT_SEARCH_EPOCHS = 15  # the default space's (tuning.spaces.NAMED_SPACES)
 STUDY_PREFIX = "fer2013-search"
 LATEST_GRID = "latest-grid"
 
@@ -375,9 +417,10 @@ def add_search_flags(p: argparse.ArgumentParser, in_grid: bool = False) -> None:
     pre = "search-" if in_grid else ""
     if not in_grid:
         g.add_argument("--trials", dest="search_trials", type=int, help=f"number of trials (default {DEFAULT_TRIALS})")
-    g.add_argument(f"--{pre}epochs", dest="search_epochs", type=int, help=f"epochs per search trial (default {DEFAULT_SEARCH_EPOCHS})")
+    g.add_argument(f"--{pre}epochs", dest="search_epochs", type=int, help=f"epochs per search trial (default {DEFAULT_SEARCH_EPOCHS}; --space strong: 30)")
     add_scheduler_flags(g, pre, "search_", "asha", "search")
-    g.add_argument("--space", help="YAML or JSON search space replacing the default (see tuning/spaces.py)")
+    g.add_argument("--space", help="default (the study's next steps), strong (architectures, augmentation, schedules), "
+                                   "or a YAML or JSON space file (see tuning/spaces.py; a name wins over a file of that name)")
     g.add_argument("--time-budget", type=float, help="end the search after this many seconds; trials running then are recorded as stopped early")
     g.add_argument("--optuna-storage", help="Optuna storage URL (default sqlite:///optuna.db beside the MLflow sqlite file)")
     g.add_argument("--study-name", help=f"Optuna study name (default {STUDY_PREFIX}-<time>; with --resume, the latest search's)")
@@ -400,7 +443,7 @@ SEARCH_RESUME_KEYS = {
 
 def search_options(args: argparse.Namespace, tracking_uri: str, trials: int | None = None, train_seed: int = 0) -> SearchOptions:
     """Validate the search flags (the space file included) before anything starts."""
-    from tuning.spaces import DEFAULT_SEARCH_SPACE, load_space, validate_space
+    from tuning.spaces import NAMED_SPACES, load_space, validate_space
 
     from tuning.resume import given_flags
 
@@ -410,17 +453,27 @@ def search_options(args: argparse.Namespace, tracking_uri: str, trials: int | No
     trials = _or(trials if trials is not None else getattr(args, "search_trials", None), DEFAULT_TRIALS)
     if trials < 1:
         raise ConfigError(f"the number of trials must be >= 1, got {trials}")
-    epochs = _or(args.search_epochs, DEFAULT_SEARCH_EPOCHS)
+    named = NAMED_SPACES.get(args.space or "default")  # None: a space file
+    epochs = search_epochs(args)
     if epochs < 1:
         raise ConfigError(f"search epochs must be >= 1, got {epochs}")
     if args.time_budget is not None and args.time_budget <= 0:
         raise ConfigError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
-    space = load_space(args.space) if args.space else validate_space(DEFAULT_SEARCH_SPACE)
+    space = validate_space(named.space, epochs) if named else load_space(args.space, epochs)
     in_grid = not hasattr(args, "start_from")
-    return SearchOptions(trials, epochs, space, scheduler_settings(args, "search_", "asha", "search-" if in_grid else ""),
+    grace = named.grace_period if named else DEFAULT_GRACE_PERIOD
+    return SearchOptions(trials, epochs, space, scheduler_settings(args, "search_", "asha", "search-" if in_grid else "", grace),
                          optuna_storage_url(args.optuna_storage, tracking_uri), args.study_name, resume, args.time_budget,
                          _or(args.search_seed, 0), train_seed, getattr(args, "start_from", None),
                          given_flags(args, SEARCH_RESUME_KEYS) if resume else {})
+
+
+def search_epochs(args: argparse.Namespace) -> int:
+    """--epochs of the search, else its named space's (30 for strong), else DEFAULT_SEARCH_EPOCHS."""
+    from tuning.spaces import NAMED_SPACES
+
+    named = NAMED_SPACES.get(args.space or "default")
+    return _or(args.search_epochs, named.epochs if named else DEFAULT_SEARCH_EPOCHS)
 
 
 def optuna_storage_url(flag: str | None, tracking_uri: str) -> str:

@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from fer_model.cli import Parser, given, run_cli
 from fer_model.config import OPTIMIZERS
@@ -17,8 +18,14 @@ from fer_model.errors import ConfigError
 from tuning import flags
 from tuning.spaces import GRID_FIXED, STUDY_GRID
 
+if TYPE_CHECKING:
+    from tuning.stages.grid import GridInputs
+
 # `--quick`: the whole pipeline (9 trials, final stage, registration) in a few minutes on 2 CPU cores.
-QUICK = {"max_samples": 3000, "epochs": 4, "final_epochs": 4}
+# 2 epochs of 2,160 training images (135 steps) is about the least in which the study's pattern still
+# shows: lr 1e-3 starts to learn (28.7% validation) while lr 1e-2 collapses to the majority class
+# (25.0%); 2 epochs of 720 images leave all nine at 25.0% (benchmarks/RESULTS.md, "--quick").
+QUICK = {"max_samples": 3000, "epochs": 2, "final_epochs": 2}
 FIXED_FLAGS = ("batch_size", "optimizer", "epochs", "schedule", "seed")
 CHAIN_FLAGS = ("search_epochs", "search_scheduler", "search_grace_period", "search_reduction_factor", "space",
                "time_budget", "optuna_storage", "study_name", "search_seed")  # the search after the grid
@@ -37,6 +44,7 @@ RESUME_KEYS = {
         ("search_reduction_factor", "scheduler.reduction_factor"))},
     "final_epochs": ("--final-epochs", "chain.final.epochs"), "no_final": ("--no-final", "chain.final.enabled"),
     "device": ("--device", "chain.final.device"), "promote": ("--promote", "chain.final.promote"),
+    "tta": ("--tta", "chain.final.tta"), "ensemble": ("--ensemble", "chain.final.ensemble"),
     "max_concurrent": ("--max-concurrent", "chain.max_concurrent")}
 
 
@@ -64,18 +72,24 @@ def build_parser() -> Parser:
     return p
 
 
+def grid_inputs(args: argparse.Namespace) -> "GridInputs":
+    """The grid the parsed flags ask for (after --quick's preset is applied)."""
+    from tuning.stages.grid import GridInputs  # after the flags: --help and bad flags answer at once
+
+    fixed = {**GRID_FIXED, "seed": 0, **given(args, FIXED_FLAGS)}
+    return GridInputs(fixed, flags.floats(args.dropouts) if args.dropouts else list(STUDY_GRID["dropout"]),
+                      flags.floats(args.lrs) if args.lrs else list(STUDY_GRID["lr"]),
+                      flags.scheduler_settings(args, "grid_", "none"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         flags.apply_preset(args, QUICK)
     opts = flags.common_options(args, trial_epochs=args.epochs or GRID_FIXED["epochs"])
     flags.keep_local_ray_on_loopback(opts.cluster)  # before ray is imported
-    fixed = {**GRID_FIXED, "seed": 0, **given(args, FIXED_FLAGS)}
-    from tuning.stages.grid import GridInputs  # after the flags: --help and bad flags answer at once
-
-    inputs = GridInputs(fixed, flags.floats(args.dropouts) if args.dropouts else list(STUDY_GRID["dropout"]),
-                        flags.floats(args.lrs) if args.lrs else list(STUDY_GRID["lr"]),
-                        flags.scheduler_settings(args, "grid_", "none"))
+    inputs = grid_inputs(args)
+    fixed = inputs.fixed
     then = None
     chain = [f"--{d.replace('_', '-')}" for d in CHAIN_FLAGS if getattr(args, d) is not None]
     if chain and args.search_trials is None:

@@ -26,6 +26,7 @@ STOPPED_BY_BUDGET = "time_budget"
 # The best trial of a stage, read by the final stage.
 TAG_BEST_CONFIG = "best_config"  # JSON of the best flat TrainConfig dict
 TAG_BEST_TRIAL_RUN = "best_trial_run_id"
+TAG_MEMBER_TRIAL_RUNS = "member_trial_run_ids"  # an ensemble's final run and version: its members' trial runs, in rank order
 BEST_PARAM_PREFIX = "best."
 
 # Where the driver runs, so a later command can tell a live run from one whose driver died.

@@ -181,7 +181,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 def summarize(results, setup: TrialSetup, expected: int | None = None) -> list[TrialRow]:
-    """The stage's trials, from Tune's results and the outcomes in MLflow (the one place rows are built).
+    """The stage's trials, from Tune's results and the outcomes in MLflow (the one place a running
+    stage's rows are built; `trial_rows` reads a finished stage's back from MLflow).
 
     Raises `Interrupted` when a trial has no outcome (Ctrl-C cut it), or when a search created
     fewer trials than asked without its time budget running out.
@@ -237,10 +238,60 @@ def ties_at_top(rows: list[TrialRow]) -> list[TrialRow]:
     """
     from fer_model.errors import UserError
 
-    scored = [r for r in rows if r.history and math.isfinite(r.val_acc)]
-    completed = [r for r in scored if r.outcome == N.OUTCOME_COMPLETED]
-    pool = completed or scored
+    pool = ranked(rows)
     if not pool:
         raise UserError("no trial produced a validation accuracy; see the errors above")
-    top = max(r.val_acc for r in pool)
-    return [r for r in pool if r.val_acc == top]
+    return [r for r in pool if r.val_acc == pool[0].val_acc]
+
+
+def ranked(rows: list[TrialRow]) -> list[TrialRow]:
+    """The trials `best_row` chooses among (those that ran to the end, else all scored ones), best
+    first by last-epoch validation accuracy, ties in Tune's trial order: ``ranked(rows)[0]`` is the
+    best row. Only validation accuracy ranks them; test data is never looked at."""
+    scored = [r for r in rows if r.history and math.isfinite(r.val_acc)]
+    completed = [r for r in scored if r.outcome == N.OUTCOME_COMPLETED]
+    return sorted(completed or scored, key=lambda r: -r.val_acc)  # stable: ties keep the trial order
+
+
+def ensemble_candidates(rows: list[TrialRow], best_config: Mapping[str, Any], best_run_id: str | None,
+                        count: int) -> list[TrialRow]:
+    """The trials an ensemble adds to the best one (`best_config`, member 1, whichever way it was
+    picked): the next `count - 1` of `ranked(rows)`, leaving out the best trial's run and any
+    configuration already taken (a search may try one twice: retraining it again adds nothing)."""
+    from fer_model.config import TrainConfig
+
+    taken, chosen = [TrainConfig.from_dict(best_config).replace(epochs=1)], []
+    for row in ranked(rows):
+        if len(chosen) >= count - 1:
+            break
+        config = TrainConfig.from_dict(row.config).replace(epochs=1)  # the final stage sets the epochs
+        if (best_run_id and row.run_id == best_run_id) or config in taken:
+            continue
+        taken.append(config)
+        chosen.append(row)
+    return chosen
+
+
+def trial_rows(client, experiment_id: str, parent_run_id: str) -> list[TrialRow]:
+    """A finished stage's trials as rows, from its trial runs in MLflow (where `summarize` had Tune's
+    results): the configuration from the run's params (`TrainConfig.from_params`), the outcome its
+    driver settled, and the validation accuracy of each epoch (the only metric the histories hold).
+    Runs without an outcome (cut by Ctrl-C) are left out; rows come in Tune's trial order."""
+    from fer_model.config import TrainConfig
+    from fer_model.errors import ConfigError, UserError
+
+    rows = []
+    for trial_id, run in sorted(trial_runs(client, experiment_id, parent_run_id).items()):  # ids end in Tune's index
+        outcome = run.data.tags.get(N.TAG_OUTCOME)
+        if outcome is None or run.info.status in ("RUNNING", "KILLED"):
+            continue
+        try:
+            config = TrainConfig.from_params(run.data.params).to_dict()
+        except ConfigError as exc:
+            raise UserError(f"trial run {run.info.run_id}: its params are not a configuration this version reads: "
+                            f"{exc}") from None
+        by_epoch = {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, M.VAL_ACC),
+                                                    key=lambda m: (m.step, m.timestamp))}
+        rows.append(TrialRow(trial_id, config, outcome, [{M.VAL_ACC: by_epoch[e]} for e in sorted(by_epoch)],
+                             run.info.run_id, run.info.run_name))
+    return rows

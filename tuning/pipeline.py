@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from mlflow.entities.model_registry import ModelVersion
 
@@ -24,11 +24,11 @@ from fer_model.errors import UserError, first_line
 from fer_model.evaluate import describe_test
 from fer_model.presets import STUDY_TEST_ACC
 from tuning import names as N
-from tuning import describe, report, resume
-from tuning.outcomes import TrialRow
+from tuning import describe, phases, report, resume
+from tuning.outcomes import TrialRow, ensemble_candidates, trial_rows
 from tuning.resume import to_json
 from tuning.orphans import settle_orphans
-from tuning.flags import LATEST_GRID, CommonOptions, FinalOptions, SearchOptions
+from tuning.flags import ENSEMBLE_AUTO, LATEST_GRID, CommonOptions, FinalOptions, SearchOptions
 from tuning.stages import StageContext, StageResult
 from tuning.stages import final as final_stage
 from tuning.stages import grid as grid_stage
@@ -36,14 +36,15 @@ from tuning.stages import register as register_step
 from tuning.stages import search as search_stage
 from tuning.stages.final import FinalInputs, FinalResult
 from tuning.stages.grid import GridInputs
-from tuning.tracking import (client_for, create_run, ensure_experiment, latest_stage_run, read_best_config, set_tags,
-                             tracked_run)
+from tuning.tracking import (client_for, create_run, ensure_experiment, latest_stage_run, log_metrics, read_best_config,
+                             set_tags, tracked_run)
 
 
 @contextmanager
 def session(opts: CommonOptions, with_ray: bool = True, experiment_id: str | None = None) -> Iterator[StageContext]:
     """The data (loaded once), the experiment (`opts`', or the given id), and Ray (joined or started)."""
-    data = fdata.load(opts.data)
+    with phases.DRIVER.time(phases.DATA_LOAD):
+        data = fdata.load(opts.data)
     print(f"data: {fdata.describe(data)}")
     client = client_for(opts.tracking.uri)
     experiment_id = experiment_id or ensure_experiment(client, opts.tracking.experiment)
@@ -128,7 +129,10 @@ def plan_line(ctx: StageContext, what: str, trials: int, then: str = "") -> str:
 def then_text(search: SearchOptions | None, final_options: FinalOptions) -> str:
     """The stages after this one, for its plan line."""
     parts = [f"search {search.trials} trials x {search.epochs} epochs"] if search is not None else []
-    parts.append(f"final retrain {final_options.epochs} epochs ({final_options.why_epochs})" if final_options.enabled
+    ensemble = "" if final_options.ensemble is None else (
+        f" x up to {final_options.ensemble_candidates} ensemble members" if final_options.ensemble == ENSEMBLE_AUTO
+        else f" x {final_options.ensemble_candidates} ensemble members")
+    parts.append(f"final retrain {final_options.epochs} epochs ({final_options.why_epochs}){ensemble}" if final_options.enabled
                  else "no final stage (--no-final)")
     return ", ".join(parts)
 
@@ -148,13 +152,23 @@ def drop_tune_state(ctx: StageContext, run_id: str) -> None:
 
 
 def final(ctx: StageContext, options: FinalOptions, source_run_id: str, best_config: dict[str, Any],
-          best_trial_run_id: str | None) -> tuple[FinalResult, ModelVersion | None]:
-    """Retrain and evaluate (the final stage), then register (its own step), in one final run."""
-    inputs = FinalInputs.of(best_config, options.epochs, source_run_id, best_trial_run_id, options.device)
-    run_id = create_run(ctx.client, ctx.experiment_id, inputs.run_name, inputs.tags(), inputs.config.to_dict())
+          best_trial_run_id: str | None, trials: Sequence[TrialRow] = ()) -> tuple[FinalResult, ModelVersion | None]:
+    """Retrain and evaluate (the final stage), then register (its own step), in one final run.
+
+    With --ensemble the further members are the source stage's next best trials by validation accuracy:
+    from `trials` when they are the rows of a stage that ran in this command, else read from MLflow."""
+    candidates = ensemble_members(ctx, options, source_run_id, best_config, best_trial_run_id, trials)
+    inputs = FinalInputs.of(best_config, options.epochs, source_run_id, best_trial_run_id, options.device, options.tta,
+                            options.ensemble, candidates)
+    run_id = create_run(ctx.client, ctx.experiment_id, inputs.run_name, inputs.tags(), inputs.params())
     with tracked_run(ctx.client, run_id):
+        t0 = time.perf_counter()
         result = final_stage.run(ctx, run_id, inputs)
-        version = register_step.register(ctx, result)
+        phases.DRIVER.add(phases.FINAL_TRAIN, result.train_seconds)
+        phases.DRIVER.add(phases.FINAL_EVALUATE, time.perf_counter() - t0 - result.train_seconds)
+        with phases.DRIVER.time(phases.REGISTER):
+            version = register_step.register(ctx, result)
+        log_metrics(ctx.client, run_id, phases.DRIVER.take())
     print(describe_final(result, version, full_data=ctx.data_config.max_samples is None))
     if options.promote and version is not None:
         from tuning import registry
@@ -164,13 +178,39 @@ def final(ctx: StageContext, options: FinalOptions, source_run_id: str, best_con
     return result, version
 
 
+def ensemble_members(ctx: StageContext, options: FinalOptions, source_run_id: str, best_config: dict[str, Any],
+                     best_trial_run_id: str | None, trials: Sequence[TrialRow] = ()) -> list[TrialRow]:
+    """The trials an --ensemble adds to the best one, best first (none without --ensemble); says how
+    many it found when the stage has fewer than asked."""
+    if options.ensemble is None:
+        return []
+    # A stage that ran in this command has its rows; one that finished before (a resumed chain's, or
+    # tuning.final's source) has only its best, without a history: its trial runs are read back.
+    rows = list(trials) if any(r.history for r in trials) else trial_rows(ctx.client, ctx.experiment_id, source_run_id)
+    wanted = options.ensemble_candidates
+    found = ensemble_candidates(rows, best_config, best_trial_run_id, wanted)
+    n = 1 + len(found)
+    if options.ensemble == ENSEMBLE_AUTO:
+        print(f"ensemble auto: up to {n} members (at most {wanted}), the best trials of run {source_run_id} by validation "
+              "accuracy, added while the ensemble's validation accuracy rises")
+    else:
+        fewer = "" if n == wanted else f" (asked {wanted}; run {source_run_id} has only {n} usable trials)"
+        print(f"ensemble: {n} members, the best trials of run {source_run_id} by validation accuracy{fewer}")
+    return found
+
+
 def describe_final(result: FinalResult, version: ModelVersion | None, full_data: bool = True,
                    study_acc: float = STUDY_TEST_ACC["seed-best"]) -> str:
     """The final stage's lines; beside the study's test accuracy only on the full data (a subset's
     test images are another test)."""
     beside = f" (the study: {100 * study_acc:.2f}%)" if full_data else ""
-    text = (f"final: {result.inputs.config.epochs} epochs in {result.train_seconds:.0f} s; "
-            f"{describe_test(result.evaluation.metrics)}{beside}\n")
+    tta = f"; {result.tta_line()}" if result.tta_evaluation is not None else ""
+    members = f"{len(result.members)} members x " if result.members else ""
+    text = (f"final: {members}{result.inputs.config.epochs} epochs in {result.train_seconds:.0f} s; "
+            f"{'member 1: ' if members else ''}{result.weights_line()}; "
+            f"{describe_test(result.evaluation.metrics)}{beside}{tta}\n")
+    if result.members:
+        text += f"{result.ensemble_line()}\n"
     if version is not None:
         return text + f"registered: {version.name} version {version.version} (run {result.run_id})"
     why = f"training diverged after {len(result.history)} epochs; " if result.diverged else ""
@@ -255,7 +295,7 @@ def _continue_chain(ctx: StageContext, grid_run_id: str, inputs: GridInputs, cha
             options = dataclasses.replace(chain.search, resume=True, study_name=found.data.tags[N.TAG_STUDY])
             result = search(ctx, options, None, chained_from=grid_run_id, then=then)
     if chain.final.enabled and not (restore and _final_done(ctx, result.parent_run_id)):
-        final(ctx, chain.final, result.parent_run_id, result.best.config, result.best.run_id)
+        final(ctx, chain.final, result.parent_run_id, result.best.config, result.best.run_id, result.trials)
     set_tags(ctx.client, grid_run_id, {N.TAG_CHAIN_DONE: "true"})
     return result
 
@@ -281,7 +321,7 @@ def tune_search(opts: CommonOptions, options: SearchOptions, resume_command: str
                         then=then_text(None, opts.final))
         if opts.final.enabled:
             try:
-                final(ctx, opts.final, result.parent_run_id, result.best.config, result.best.run_id)
+                final(ctx, opts.final, result.parent_run_id, result.best.config, result.best.run_id, result.trials)
             except KeyboardInterrupt as exc:  # the search is done: only the final stage is left
                 raise KeyboardInterrupt(f"{exc or 'interrupted'}; continue with: python -m tuning.final "
                                         f"--run-id {result.parent_run_id}") from None

@@ -7,8 +7,10 @@ Output: one row per image: ``label`` (0-6), ``emotion`` and ``p_<class>`` for ea
 whether a member network outputs logits (Model 2) or probabilities (Model 1).
 
 One class holds one or more member networks (their probabilities averaged), so an ensemble registers
-the same way. Members are plain PyTorch files (`fer_model.model.save_network`: spec and state_dict,
-read with ``weights_only=True``).
+the same way. A model saved with a test-time augmentation (``tta``: flip, tencrop; in its MLmodel's
+model_config) averages each member's probabilities over the views of every image, as the final stage's
+evaluation with ``--tta`` did; models saved before it existed have none. Members are plain PyTorch
+files (`fer_model.model.save_network`: spec and state_dict, read with ``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from fer_model.config import CLASS_NAMES
+from fer_model.config import CLASS_NAMES, check_tta
 from fer_model.inputs import ImageError, image_batch
 
 IMAGE_COLUMN = "image"
 LABEL, EMOTION = "label", "emotion"
 PROB_COLUMNS = [f"p_{name}" for name in CLASS_NAMES]
 MEMBER_PREFIX = "member_"
+TTA_CONFIG = "tta"  # model_config key: the test-time augmentation predictions average over
 
 
 class FerClassifier(mlflow.pyfunc.PythonModel):
@@ -40,9 +43,10 @@ class FerClassifier(mlflow.pyfunc.PythonModel):
 
         keys = sorted((k for k in context.artifacts if k.startswith(MEMBER_PREFIX)), key=lambda k: int(k[len(MEMBER_PREFIX):]))
         self.members = [load_network(context.artifacts[k]) for k in keys]
+        self.tta = check_tta((context.model_config or {}).get(TTA_CONFIG, "none"))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return predict_frame(self.members, images_from_frame(model_input))
+        return predict_frame(self.members, images_from_frame(model_input), self.tta)
 
 
 def images_from_frame(frame: Any):
@@ -56,16 +60,18 @@ def images_from_frame(frame: Any):
         raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
 
-def member_probabilities(members: Sequence, images) -> np.ndarray:
-    """The members' mean class probabilities (N, 7) for uint8 images."""
+def member_probabilities(members: Sequence, images, tta: str = "none") -> np.ndarray:
+    """The members' mean class probabilities (N, 7) for uint8 images, each with test-time augmentation `tta`
+    (averaged as the final stage evaluated the ensemble: `fer_model.ensemble.average`)."""
+    from fer_model.ensemble import average
     from fer_model.inputs import predict_proba
 
-    probs = [predict_proba(model, images, spec.outputs_probabilities, device="cpu").numpy() for model, spec in members]
-    return np.mean(probs, axis=0)
+    return average([predict_proba(model, images, spec.outputs_probabilities, tta=tta, device="cpu")
+                    for model, spec in members]).numpy()
 
 
-def predict_frame(members: Sequence, images) -> pd.DataFrame:
-    probs = member_probabilities(members, images) if len(images) else np.zeros((0, len(CLASS_NAMES)))
+def predict_frame(members: Sequence, images, tta: str = "none") -> pd.DataFrame:
+    probs = member_probabilities(members, images, tta) if len(images) else np.zeros((0, len(CLASS_NAMES)))
     labels = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
     frame = pd.DataFrame({LABEL: labels.astype(np.int64), EMOTION: [CLASS_NAMES[i] for i in labels]})
     for j, column in enumerate(PROB_COLUMNS):
@@ -91,8 +97,9 @@ def signature():
         outputs=Schema([ColSpec("long", LABEL), ColSpec("string", EMOTION), *[ColSpec("double", c) for c in PROB_COLUMNS]]))
 
 
-def save(path: Path, networks: Sequence[tuple[Any, Any]], example_image: np.ndarray) -> Path:
-    """Save an MLflow pyfunc model of `networks` ((module, ModelSpec) pairs) at `path`."""
+def save(path: Path, networks: Sequence[tuple[Any, Any]], example_image: np.ndarray, tta: str = "none") -> Path:
+    """Save an MLflow pyfunc model of `networks` ((module, ModelSpec) pairs) at `path`; its predictions
+    average over the views of test-time augmentation `tta` (`fer_model.inputs.tta_views`)."""
     import shutil
     import tempfile
 
@@ -114,6 +121,7 @@ def save(path: Path, networks: Sequence[tuple[Any, Any]], example_image: np.ndar
         mlflow.pyfunc.save_model(
             path, python_model=FerClassifier(), artifacts=artifacts, signature=signature(),
             input_example=pd.DataFrame({IMAGE_COLUMN: [png_bytes(example_image)]}),
+            model_config={TTA_CONFIG: check_tta(tta)},
             # The project's code travels with the model: it loads where only the runtime needs are installed.
             code_paths=code,
             # Stated, not inferred: inference would load the model in a subprocess (~20 s a stage).

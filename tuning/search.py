@@ -28,7 +28,7 @@ def build_parser() -> Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    opts = flags.common_options(args, trial_epochs=args.search_epochs or flags.DEFAULT_SEARCH_EPOCHS)
+    opts = flags.common_options(args, trial_epochs=flags.search_epochs(args))
     flags.keep_local_ray_on_loopback(opts.cluster)  # before ray is imported
     options = flags.search_options(args, opts.tracking.uri, train_seed=args.seed or 0)
     from tuning import pipeline  # after the flags: --help and bad flags answer at once

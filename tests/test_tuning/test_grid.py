@@ -91,14 +91,23 @@ def test_grid_end_to_end_on_sqlite(ray_session, workdir, tiny_folder, capsys):
     assert predicted["emotion"].tolist()[0] in CLASS_NAMES and predicted.shape == (2, 9)
 
     # `tuning.final` on the finished grid adds a new final run and version; earlier runs stay as they were.
+    # With --ensemble 2 it reads the grid's trial runs back (their params, validation accuracy and outcome).
     before = {r.info.run_id: (r.info.status, r.data.metrics) for r in runs_of(client)}
-    assert run_main(final.main, ["--run-id", got["parent"].info.run_id, "--data", tiny_folder, "--final-epochs", 1]) == 0
+    argv = ["--run-id", got["parent"].info.run_id, "--data", tiny_folder, "--final-epochs", 1, "--ensemble", 2]
+    assert run_main(final.main, argv) == 0
     after = runs_of(client)
     assert len(after) == len(before) + 1
     for r in after:
         if r.info.run_id in before:
             assert (r.info.status, r.data.metrics) == before[r.info.run_id]
-    assert len(client.search_model_versions(f"name = '{N.DEFAULT_MODEL_NAME}'")) == 2
+    versions = client.search_model_versions(f"name = '{N.DEFAULT_MODEL_NAME}'")
+    assert len(versions) == 2
+    v2 = next(v for v in versions if str(v.version) == "2")
+    members = v2.tags[N.TAG_MEMBER_TRIAL_RUNS].split(",")
+    assert v2.tags[M.ENSEMBLE_SIZE] == "2" and members[0] == got["version"].tags[N.TAG_BEST_TRIAL_RUN]
+    trial_val = {r.info.run_id: r.data.metrics[M.VAL_ACC] for r in after if r.data.tags.get(N.TAG_STAGE) == N.STAGE_TRIAL}
+    assert trial_val[members[1]] == sorted(trial_val.values())[-2]  # the second best by validation accuracy
+    assert "ensemble of 2: test accuracy" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # grids against a real server also run in test_ui.py and test_faults.py
@@ -128,6 +137,8 @@ def test_grid_against_a_real_mlflow_server(ray_session, workdir, tiny_folder, ml
     (["--search-trials", "0"], "--search-trials must be >= 1"),
     (["--no-final", "--final-epochs", "3"], "--final-epochs need(s) the final stage"),
     (["--no-final", "--promote"], "--promote need(s) the final stage"),
+    (["--no-final", "--ensemble", "3"], "--ensemble need(s) the final stage"),
+    (["--ensemble", "1"], "--ensemble must be an integer >= 2 or auto, got '1'"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(workdir, capsys, argv, message):
     assert run_main(grid.main, argv) == 2

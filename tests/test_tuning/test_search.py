@@ -161,3 +161,35 @@ def test_resume_keeps_its_start(workdir, capsys):
     assert run_main(search.main, ["--resume", "--start-from", "latest-grid"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--start-from does not apply with --resume" in err
+
+
+def test_strong_space_brings_its_epochs_and_grace_period_and_flags_override(workdir):
+    from tuning import flags
+    from tuning.spaces import STRONG_SEARCH_SPACE
+
+    def options(*argv):
+        return flags.search_options(search.build_parser().parse_args(list(argv)), f"sqlite:///{workdir / 'm.db'}")
+
+    strong = options("--space", "strong")
+    assert strong.space == STRONG_SEARCH_SPACE and strong.epochs == 30 and strong.scheduler.grace_period == 5
+    given = options("--space", "strong", "--epochs", "8", "--grace-period", "3")
+    assert given.epochs == 8 and given.scheduler.grace_period == 3
+    default = options()
+    assert default.space == DEFAULT_SEARCH_SPACE and default.epochs == 15 and default.scheduler.grace_period == 2
+    # the final stage follows the named space's trial length (1.5x), unless --final-epochs says
+    args = search.build_parser().parse_args(["--space", "strong"])
+    assert flags.common_options(args, trial_epochs=flags.search_epochs(args)).final.epochs == 45
+
+
+def test_strong_space_trials_train_every_sampled_architecture(ray_session, workdir, tiny_folder):
+    argv = ["--data", tiny_folder, "--space", "strong", "--trials", 3, "--epochs", 2, "--study-name", "strong",
+            "--no-final", "--search-seed", 1]
+    assert run_main(search.main, argv) == 0
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    children = _children(client, _search_run(client).info.run_id)
+    assert len(children) == 3
+    for c in children:
+        p = c.data.params
+        assert c.info.status == "FINISHED" and c.data.tags[N.TAG_OUTCOME] == N.OUTCOME_COMPLETED
+        assert p["arch"] in ("resnet", "vgg") and p["flip"] == "True" and p["schedule"] in ("cosine", "onecycle", "plateau")
+        assert len(client.get_metric_history(c.info.run_id, M.VAL_ACC)) in (1, 2)  # ASHA may stop one at its grace period
