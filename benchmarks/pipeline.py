@@ -153,12 +153,25 @@ def main() -> None:
         total, each = sequential_fit_seconds(grid_args, max(1, int(cpus_per_trial)))
         reference = total / concurrency
         ratio = stage / reference
+        bound = list_schedule(each, concurrency)
         print(f"sequential training {total:.1f} s; / concurrency {concurrency} = {reference:.1f} s; "
               f"grid stage {stage:.1f} s: tuning overhead {100 * (ratio - 1):+.1f}% (ratio {ratio:.3f})")
-        result.update(sequential_s=total, sequential_each_s=each, overhead_ratio=ratio)
+        print(f"  of which uneven packing: the same trials in grid order on {concurrency} slots cannot end before "
+              f"{bound:.1f} s ({100 * (bound / reference - 1):+.1f}%); Ray Tune's own cost {stage - bound:+.1f} s "
+              f"({100 * (stage / bound - 1):+.1f}%)")
+        result.update(sequential_s=total, sequential_each_s=each, overhead_ratio=ratio, packing_bound_s=bound)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
+
+
+def list_schedule(seconds: list[float], slots: int) -> float:
+    """When trials of these lengths, started in this order on the first free of `slots`, all end: the
+    best Tune can do with them (9 equal trials on 2 slots: 5 rounds, 11% over a perfect split)."""
+    ends = [0.0] * slots
+    for s in seconds:
+        ends[ends.index(min(ends))] += s
+    return max(ends)
 
 
 def _value(argv: list[str], flag: str, default: str) -> str:

@@ -10,7 +10,7 @@ one process on the same machine:
   ours-nchw   `fer_model.training.train_one_epoch` on uint8 tensors in memory, with the
               reference's arithmetic (fp32, channels-first): isolates the data pipeline;
   ours-fp32   the same in channels_last memory format: adds the memory-format effect;
-  ours        the default TrainConfig: channels_last, fused Adam, and bf16 autocast where the hardware
+  ours        the default TrainConfig: channels_last and bf16 autocast where the hardware
               has it natively (CUDA, or CPUs with AVX512-BF16/AMX): adds the precision effect;
   packed      on a CPU: one `ours` process per core, one thread each, run at once (as Tune packs
               1-CPU trials); the row is their summed images per second.

@@ -29,6 +29,7 @@ TRIAL_CHECKPOINT = "trial_checkpoint"  # writing the epoch's checkpoint and tune
 TRIAL_MLFLOW_WAIT = "trial_mlflow_wait"  # the end of the trial waiting for its queued MLflow writes
 
 PREFIX = "phase_"
+GPU_PEAK_MB = "gpu_peak_memory_mb"  # a trial's peak CUDA memory (torch's allocator), for GPU packing
 
 
 def metric(name: str) -> str:

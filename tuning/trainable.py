@@ -110,7 +110,10 @@ def train_trial(config: dict[str, Any], data: FerData, setup: TrialSetup, name_k
         fit(cfg, data, on_epoch=on_epoch, device=device, resume=resume)
     finally:
         timed.add(phases.TRIAL_FIT, time.perf_counter() - t0 - timed.seconds.get(phases.TRIAL_CHECKPOINT, 0.0))
-        tracker.log_summary(timed.take())
+        summary = timed.take()
+        if device.type == "cuda":  # how much of a shared GPU this trial held (benchmarks/gpu_packing.py)
+            summary[phases.GPU_PEAK_MB] = torch.cuda.max_memory_allocated(device) / 2**20
+        tracker.log_summary(summary)
         t0 = time.perf_counter()
         if tracker.close():  # also when ASHA stops the trial (Tune ends it inside tune.report)
             tracker.log_summary({phases.metric(phases.TRIAL_MLFLOW_WAIT): time.perf_counter() - t0}, wait=True)

@@ -78,6 +78,20 @@ def test_grid_end_to_end_on_sqlite(ray_session, workdir, tiny_folder, capsys):
     assert "removed Tune's folder" in out and not list((workdir / "ray_results").glob("grid-*"))
     assert f"registered: {N.DEFAULT_MODEL_NAME} version 1" in out and "mlflow ui --backend-store-uri sqlite:///" in out
 
+    # Where the time went (benchmarks/pipeline.py reads these): the driver's phases on the stage runs,
+    # each trial's on its own run. Ray was started by the test session, so no ray_start here.
+    from tuning import phases as P
+
+    grid_metrics, final_metrics = got["parent"].data.metrics, got["final"].data.metrics
+    assert {P.metric(P.DATA_LOAD), P.metric(P.TRIALS), P.metric(P.CONCLUDE)} <= set(grid_metrics)
+    assert grid_metrics[P.metric(P.TRIALS)] > 0 and P.metric(P.RAY_START) not in grid_metrics
+    assert {P.metric(P.FINAL_TRAIN), P.metric(P.FINAL_EVALUATE), P.metric(P.REGISTER)} <= set(final_metrics)
+    trial_runs = [r for r in runs_of(client) if r.data.tags.get(N.TAG_STAGE) == N.STAGE_TRIAL]
+    for r in trial_runs:
+        phases = {k for k in r.data.metrics if k.startswith(P.PREFIX)}
+        assert phases == {P.metric(p) for p in (P.TRIAL_OPEN, P.TRIAL_FIT, P.TRIAL_CHECKPOINT, P.TRIAL_MLFLOW_WAIT)}
+        assert r.data.metrics[P.metric(P.TRIAL_FIT)] > 0
+
     # The registered model takes image bytes and gives emotions; --promote made it the champion.
     import mlflow.pyfunc
     import pandas as pd
