@@ -181,6 +181,7 @@ def test_strong_space_brings_its_epochs_and_grace_period_and_flags_override(work
     assert flags.common_options(args, trial_epochs=flags.search_epochs(args)).final.epochs == 45
 
 
+@pytest.mark.slow  # ~60 s (a vgg of 40M parameters among them); the space itself is checked in CI above
 def test_strong_space_trials_train_every_sampled_architecture(ray_session, workdir, tiny_folder):
     argv = ["--data", tiny_folder, "--space", "strong", "--trials", 3, "--epochs", 2, "--study-name", "strong",
             "--no-final", "--search-seed", 1]
