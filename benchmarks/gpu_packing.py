@@ -39,9 +39,9 @@ def stage_images_per_second(uri: str) -> tuple[float, float]:
     exp = client.get_experiment_by_name(N.DEFAULT_EXPERIMENT)
     images, peak = 0.0, 0.0
     for run in client.search_runs([exp.experiment_id], f"tags.`{N.TAG_STAGE}` = '{N.STAGE_TRIAL}'", max_results=1000):
+        seconds = {e.step: e.value for e in client.get_metric_history(run.info.run_id, M.EPOCH_SECONDS)}
         for m in client.get_metric_history(run.info.run_id, M.IMAGES_PER_SECOND):
-            seconds = next((e.value for e in client.get_metric_history(run.info.run_id, M.EPOCH_SECONDS) if e.step == m.step), 0.0)
-            images += m.value * seconds  # images of that epoch (epoch seconds include validation: a lower bound)
+            images += m.value * seconds.get(m.step, 0.0)  # that epoch's images (its seconds include validation: a lower bound)
         peak = max(peak, run.data.metrics.get(P.GPU_PEAK_MB, 0.0))
     trials_s = read_phases(uri)["driver"].get(P.TRIALS, 0.0)
     return images / max(trials_s, 1e-9), peak

@@ -79,7 +79,19 @@ def read_phases(uri: str) -> dict[str, object]:
     return {"driver": driver, "trials": trials, "ray_cpus": float(grid.data.params.get("ray_cpus", os.cpu_count()))}
 
 
-def sequential_fit_seconds(grid_args: list[str], threads: int) -> tuple[float, list[float]]:
+def parse_grid_args(grid_args: list[str]) -> argparse.Namespace:
+    """`tuning.grid`'s own parse of the arguments (its --quick preset applied), so the reference trains
+    exactly the trials the command ran, on the resources it gave them."""
+    from tuning import flags
+    from tuning.grid import QUICK, build_parser
+
+    args = build_parser().parse_args(grid_args)
+    if args.quick:
+        flags.apply_preset(args, QUICK)
+    return args
+
+
+def sequential_fit_seconds(args: argparse.Namespace, threads: int) -> tuple[float, list[float]]:
     """The grid's trials as plain `fit` calls, one after another in this process: total seconds, each trial's."""
     import torch
 
@@ -87,11 +99,8 @@ def sequential_fit_seconds(grid_args: list[str], threads: int) -> tuple[float, l
     from fer_model.data import load
     from fer_model.training import fit
     from tuning import flags
-    from tuning.grid import QUICK, build_parser, grid_inputs
+    from tuning.grid import grid_inputs
 
-    args = build_parser().parse_args(grid_args)
-    if args.quick:
-        flags.apply_preset(args, QUICK)
     inputs = grid_inputs(args)
     data = load(flags.data_config(args), progress=False)
     torch.set_num_threads(threads)
@@ -119,7 +128,8 @@ def main() -> None:
     if args.quick == args.full and not args.grid_args:
         p.error("say --quick or --full (or give tuning.grid arguments after --)")
     grid_args = ["--data", args.data, *(["--quick"] if args.quick else []), *args.grid_args]
-    cpus_per_trial = float(_value(grid_args, "--cpus-per-trial", "1"))
+    parsed = parse_grid_args(grid_args)
+    cpus_per_trial = parsed.cpus_per_trial or 1.0
     env = cpu_flags()
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
 
@@ -128,7 +138,7 @@ def main() -> None:
         found = read_phases(uri)
     driver, trials = found["driver"], found["trials"]
     concurrency = max(1, min(len(trials), int(found["ray_cpus"] // cpus_per_trial),
-                             int(_value(grid_args, "--max-concurrent", str(len(trials))))))
+                             parsed.max_concurrent or len(trials)))
     print(out.rstrip())  # the command's own console: its plan, a line per trial, the grid, the final stage
     print(f"\ncommand wall time {wall:.1f} s; {len(trials)} trials, {concurrency} at once, {cpus_per_trial:g} CPU each")
     rows = [(label, driver.get(key, 0.0)) for key, label in DRIVER_ROWS]
@@ -150,7 +160,7 @@ def main() -> None:
 
     if not args.no_sequential:
         print(f"\nthe same trials as plain fit calls, one after another, {int(cpus_per_trial)} thread(s) each:", flush=True)
-        total, each = sequential_fit_seconds(grid_args, max(1, int(cpus_per_trial)))
+        total, each = sequential_fit_seconds(parsed, max(1, int(cpus_per_trial)))
         reference = total / concurrency
         ratio = stage / reference
         bound = list_schedule(each, concurrency)
@@ -172,16 +182,6 @@ def list_schedule(seconds: list[float], slots: int) -> float:
     for s in seconds:
         ends[ends.index(min(ends))] += s
     return max(ends)
-
-
-def _value(argv: list[str], flag: str, default: str) -> str:
-    """The value of `flag` in an argument list (``--flag V`` or ``--flag=V``), else `default`."""
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return default
 
 
 if __name__ == "__main__":
