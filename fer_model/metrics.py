@@ -29,14 +29,22 @@ TEST_MACRO_F1 = "test_macro_f1"
 TEST_PUBLIC_ACC = "test_public_acc"
 TEST_PRIVATE_ACC = "test_private_acc"
 TEST_LOSS = "test_loss"
-# The final stage's test accuracy with its test-time augmentation (--tta), beside the plain TEST_ACC.
-TEST_ACC_TTA = "test_acc_tta"
+# The final stage's test numbers with its test-time augmentation (--tta), beside the plain ones: each
+# headline metric with this suffix (test_acc_tta, test_public_acc_tta, test_private_acc_tta, ...).
+TTA_SUFFIX = "_tta"
+TEST_HEADLINE = (TEST_ACC, TEST_PUBLIC_ACC, TEST_PRIVATE_ACC, TEST_MACRO_F1)
+TEST_ACC_TTA = TEST_ACC + TTA_SUFFIX
 # The epoch (1-based) whose weights the final stage evaluated and registered: the best on validation.
 BEST_EPOCH = "best_epoch"
 # The final stage's ensemble (--ensemble): how many members the registered model averages, and (step k)
 # the validation accuracy of the first k ranked members averaged, which `--ensemble auto` sizes it by.
 ENSEMBLE_SIZE = "ensemble_size"
 ENSEMBLE_VAL_ACC = "ensemble_val_acc"
+
+
+def with_tta(metrics: dict[str, float]) -> dict[str, float]:
+    """The headline test metrics of an evaluation with TTA, renamed with TTA_SUFFIX (test_acc -> test_acc_tta)."""
+    return {k + TTA_SUFFIX: metrics[k] for k in TEST_HEADLINE if k in metrics}
 
 
 def test_f1_name(class_name: str) -> str:

@@ -147,7 +147,12 @@ def test_tuning_final_registers_an_ensemble_that_loads_in_a_fresh_process(workdi
     metrics, params = run.data.metrics, run.data.params
     assert metrics[M.ENSEMBLE_SIZE] == 3 and metrics[M.TEST_ACC] == ensemble_acc  # the registered model's
     assert [metrics[M.member_metric(k, M.TEST_ACC)] for k in (1, 2, 3)] == pytest.approx([m.test_acc for m in result.members])
-    assert M.member_metric(3, M.TEST_ACC_TTA) in metrics and M.TEST_ACC_TTA in metrics
+    assert M.member_metric(3, M.TEST_ACC_TTA) in metrics
+    # With TTA, every headline test number the plain evaluation has is logged beside it, and printed.
+    tta = result.tta_evaluation.metrics
+    assert {k: metrics[k + M.TTA_SUFFIX] for k in M.TEST_HEADLINE if k in metrics} == pytest.approx(
+        {k: tta[k] for k in M.TEST_HEADLINE if k in metrics}) and M.TEST_MACRO_F1 + M.TTA_SUFFIX in metrics
+    assert f"with TTA flip: test accuracy {100 * tta[M.TEST_ACC]:.2f}%" in out
     assert [m.step for m in client.get_metric_history(result.run_id, M.member_metric(2, M.VAL_ACC))] == [1]
     assert json.loads(params[M.member_metric(2, "config")])["dropout"] == 0.5 and params["ensemble"] == "3"
     assert params["dropout"] == "0.3"  # member 1's configuration, as a single final run's
