@@ -45,6 +45,7 @@ from benchmarks.machine import cpu_flags  # noqa: E402
 from fer_model.data import DataConfig, Split, load  # noqa: E402
 from fer_model.model import build_model  # noqa: E402
 from fer_model.config import ModelSpec, TrainConfig  # noqa: E402
+from fer_model.augment import augmenting  # noqa: E402
 from fer_model.training import make_optimizer, train_one_epoch  # noqa: E402
 
 # Training FLOPs per image of the study CNN (multiply-add = 2 FLOP; backward ~ 2x forward):
@@ -120,6 +121,7 @@ def time_ours(train: Split, cfg: TrainConfig, args, device: torch.device) -> lis
     optimizer = make_optimizer(cfg, model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # schedule "none"
     shuffle = torch.Generator().manual_seed(cfg.seed)
+    aug = torch.Generator(device=device).manual_seed(cfg.seed + 1) if augmenting(cfg) else None  # as `fit`
 
     def subset(n: int) -> Split:  # the first n training images (wrapping round if n is larger)
         idx = torch.arange(n) % len(train)
@@ -128,7 +130,7 @@ def time_ours(train: Split, cfg: TrainConfig, args, device: torch.device) -> lis
     def run(split: Split) -> float:
         sync(device)
         t0 = time.perf_counter()
-        train_one_epoch(model, optimizer, scheduler, split, cfg, shuffle, None)  # ends in .item()
+        train_one_epoch(model, optimizer, scheduler, split, cfg, shuffle, aug)  # ends in .item()
         sync(device)
         return time.perf_counter() - t0
 
