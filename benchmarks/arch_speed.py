@@ -32,12 +32,13 @@ from fer_model.config import TrainConfig  # noqa: E402
 from fer_model.data import Split  # noqa: E402
 from fer_model.errors import ConfigError  # noqa: E402
 from fer_model.model import build_model, count_parameters, forward_flops  # noqa: E402
+from tuning.spaces import load_space  # noqa: E402
 
 FULL_TRAIN = 25_838  # the training split of FER2013 after the 10% validation hold-out
 DEFAULT_NETS = ("cnn", "cnn-bn", "vgg:width=0.25", "vgg:width=0.375", "vgg:width=0.5",
                 "resnet:width=0.25", "resnet:width=0.5,depth=1", "resnet:width=0.5")
-# The CPU recipe's augmentation (benchmarks/recipe-vgg-cpu.yaml), for --augment.
-RECIPE_AUGMENT = {"flip": True, "translate": 3, "rotate": 10.0, "scale": 0.1}
+RECIPE = REPO / "benchmarks" / "recipe-vgg-cpu.yaml"  # --augment takes its augmentation from here
+AUGMENT_KEYS = ("flip", "translate", "rotate", "scale", "erase")
 
 
 def parse_net(text: str) -> dict:
@@ -62,14 +63,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--augment", action="store_true", help="with the CPU recipe's augmentation")
+    p.add_argument("--augment", action="store_true", help=f"with the augmentation of {RECIPE.name}")
     args = p.parse_args(argv)
     if min(args.images, args.warmup, args.repeats, args.batch_size) < 1:
         p.error("--images, --warmup, --repeats and --batch-size must be >= 1")
     try:
         nets = [parse_net(n) for n in (args.net or DEFAULT_NETS)]
+        augment = {k: v for k, v in load_space(RECIPE).items() if k in AUGMENT_KEYS} if args.augment else {}
         configs = [TrainConfig.from_dict({**n, "optimizer": "adamw", "lr": 2e-3, "batch_size": args.batch_size,
-                                          **(RECIPE_AUGMENT if args.augment else {})}) for n in nets]
+                                          **augment}) for n in nets]
     except (ConfigError, ValueError) as e:
         p.exit(2, f"error: {e}\n")
     if args.threads:
