@@ -217,7 +217,7 @@ class TrainConfig:
     scale: float = 0.0  # fraction: each image zoomed by a factor in [1 - scale, 1 + scale] (0 = off)
     erase: float = 0.0  # probability that an image gets one random rectangle zeroed (0 = off)
     seed: int = 0
-    bf16: bool = True  # autocast to bfloat16 where the hardware has it natively (see `device.fast_bf16`)
+    bf16: bool = True  # training under bfloat16 autocast where native (`device.training_bf16`); inference is always fp32
     channels_last: bool = True  # measured faster on CPU too (see benchmarks/RESULTS.md)
 
     def __post_init__(self) -> None:

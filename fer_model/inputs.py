@@ -21,7 +21,7 @@ from torch import nn
 
 from fer_model.augment import shift_batch
 from fer_model.config import IMAGE_SIZE, NUM_CLASSES, check_tta
-from fer_model.device import autocast
+from fer_model.device import fp32
 
 EVAL_BATCH = 1024
 # "tencrop" test-time views: (rows, columns) offsets of the five shifted copies, each also mirrored.
@@ -118,13 +118,17 @@ def to_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_outputs(model: nn.Module, images: torch.Tensor, device: torch.device | str | None = None,
-                    batch_size: int = EVAL_BATCH, channels_last: bool = True, bf16: bool = True) -> torch.Tensor:
-    """The network's raw outputs for uint8 images, in batches, as float32 on the CPU (N, 7)."""
+                    batch_size: int = EVAL_BATCH, channels_last: bool = True) -> torch.Tensor:
+    """The network's raw outputs for uint8 images, in batches, as float32 on the CPU (N, 7).
+
+    Always computed in fp32 (`fer_model.device.fp32`), whatever the machine and even inside a training
+    step's bf16 autocast: bf16 outputs moved the Softmax net's probability sums to 0.999023 and made
+    one set of weights score differently on CPUs with and without native bf16."""
     device = torch.device(device) if device else next(model.parameters()).device
     was_training = model.training
     model.eval()
     outs = [torch.zeros(0, NUM_CLASSES)]
-    with autocast(device, bf16):
+    with fp32():
         for i in range(0, images.shape[0], batch_size):
             x = to_input(images[i:i + batch_size].to(device, non_blocking=True), channels_last)
             outs.append(model(x).float().cpu())

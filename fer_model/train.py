@@ -75,7 +75,7 @@ def _train(args, cfg: TrainConfig, data_cfg) -> int:
 
     from fer_model import data as fdata
     from fer_model import metrics as M
-    from fer_model.device import fast_bf16, resolve_device
+    from fer_model.device import resolve_device, training_bf16
     from fer_model.evaluate import describe_test, evaluate, save_evaluation
     from fer_model.model import build_model, count_parameters, forward_flops
     from fer_model.training import EpochResult, fit, load_checkpoint, save_checkpoint
@@ -93,7 +93,7 @@ def _train(args, cfg: TrainConfig, data_cfg) -> int:
     print(f"config: {json.dumps(cfg.to_dict())}")
     print(f"model: {cfg.model.describe()}: {count_parameters(net):,} parameters, "
           f"{forward_flops(net) / 1e6:.1f} MFLOP per image forward; device {device}, "
-          f"threads {torch.get_num_threads()}, bf16 {'on' if cfg.bf16 and fast_bf16(device.type) else 'off'}")
+          f"threads {torch.get_num_threads()}, training bf16 {'on' if training_bf16(device.type, cfg.bf16) else 'off'}")
 
     def on_epoch(r: EpochResult) -> None:
         m = r.metrics

@@ -131,7 +131,7 @@ def _schedule_factor(schedule: str, step: int, steps_per_epoch: int, total_steps
 
 
 def _loss_acc(model: nn.Module, split: Split, cfg: TrainConfig, device: torch.device) -> tuple[float, float]:
-    out = predict_outputs(model, split.images, device, channels_last=cfg.channels_last, bf16=cfg.bf16)
+    out = predict_outputs(model, split.images, device, channels_last=cfg.channels_last)
     labels = split.labels.cpu()
     loss = F.cross_entropy(out, labels).item()
     acc = (out.argmax(1) == labels).float().mean().item()

@@ -87,7 +87,7 @@ def test_tencrop_averages_the_probabilities_of_ten_views_in_batches(arch):
 
     model, spec = network(arch)
     x = torch.randint(0, 256, (7, 1, 48, 48), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
-    probs = predict_proba(model, x, spec.outputs_probabilities, tta="tencrop", device="cpu", batch_size=3, bf16=False)
+    probs = predict_proba(model, x, spec.outputs_probabilities, tta="tencrop", device="cpu", batch_size=3)
     assert probs.shape == (7, 7) and (probs >= 0).all()
     torch.testing.assert_close(probs.sum(1), torch.ones(7))
     # The mean of the views' probabilities (not of their logits), whatever the batching.

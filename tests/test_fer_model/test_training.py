@@ -224,7 +224,7 @@ def test_keep_best_returns_and_evaluates_the_best_validation_epoch(small):
     assert acc[2] < max(acc[:2]), acc
     assert best.best_epoch == best.model_epoch == 1 + acc.index(max(acc)) < 3
     assert same_weights(best.model.state_dict(), seen[best.best_epoch])
-    out = predict_outputs(best.model, small.val.images, "cpu", channels_last=cfg.channels_last, bf16=cfg.bf16)
+    out = predict_outputs(best.model, small.val.images, "cpu", channels_last=cfg.channels_last)
     assert (out.argmax(1) == small.val.labels).float().mean().item() == acc[best.best_epoch - 1]
 
     last = fit(cfg, small, device="cpu", on_epoch=_zero_at(2, seen))  # the default: the last epoch, as before
