@@ -5,9 +5,14 @@
     python -m tuning.promote --rollback           # champion back to the version it replaced
 
 Exit codes: 0 the alias moved (or, with --dry-run, would move; or a rollback was done);
-2 a user error (bad flag, unknown model or version, unreachable store; one line on stderr);
+2 a user error (bad flag, unknown model or version, unreachable store, an alias other commands
+  kept moving meanwhile; one line on stderr);
 3 not promoted: the candidate is not better by more than --min-delta, already holds the alias,
-  or was scored on other test data (a decision, not an error; one line says why).
+  was scored on other test data, or comes from a run that is not FINISHED (killed, failed, still
+  running) (a decision, not an error; one line says why).
+
+Two promotions of one model at once take turns on a sqlite store; on a tracking server the alias is
+moved by compare-and-set, and the loser is decided again against the new champion.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ def build_parser() -> Parser:
     p.add_argument("--metric", default="test_acc",
                    help="a metric of the versions' final runs; higher is better unless it ends in _loss (default test_acc)")
     p.add_argument("--min-delta", type=float, default=0.0, help="the candidate must be better by more than this (default 0)")
-    p.add_argument("--force", action="store_true", help="promote even if not better or scored on other test data")
+    p.add_argument("--force", action="store_true", help="promote even if not better, scored on other test data, or from a run that did not finish")
     p.add_argument("--dry-run", action="store_true", help="say what would happen; change nothing")
     p.add_argument("--rollback", action="store_true", help="give the alias back to the version it replaced (its previous alias)")
     flags.add_tracking_flags(p, experiment=False)

@@ -19,9 +19,9 @@ from typing import Any, Iterable, Iterator, Mapping
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from fer_model.errors import UserError
+from fer_model.errors import UserError, first_line
 from tuning import names as N
-from tuning.flags import sqlite_path
+from tuning.flags import TrackingError, sqlite_path
 
 log = logging.getLogger(__name__)
 _BATCH = 900  # log_batch accepts at most 1,000 metrics per call
@@ -35,15 +35,26 @@ _READY_LOCK = threading.Lock()
 def client_for(uri: str) -> MlflowClient:
     """A client for `uri`, its registry included (else MLflow would use the process-wide registry URI).
 
-    A new sqlite store is created (its tables migrated) under a file lock: see `_sqlite_first_use`.
+    A new sqlite store is created (its tables migrated) under a file lock, see `_sqlite_first_use`,
+    and atomically, see `_create_sqlite_store`.
     """
     db = sqlite_path(uri)
     with _sqlite_first_use(db) if db is not None else nullcontext(False) as first:
+        if first and db is not None:
+            if db.exists():
+                _sqlite_wal(db)  # a store made before WAL mode was ours, or by another tool
+            else:
+                _create_sqlite_store(db)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # opens the tracking store already
-        if first:  # every store MLflow opens lazily, opened now, while the lock is held
-            client.search_experiments(max_results=1)
-            client.search_registered_models(max_results=1)
+        if first:  # an existing store's pending migrations (a newer MLflow) run now, while the lock is held
+            _open_stores(client)
     return client
+
+
+def _open_stores(client: MlflowClient) -> None:
+    """Open every store MLflow opens lazily (the registry's only on first use): each migrates then."""
+    client.search_experiments(max_results=1)
+    client.search_registered_models(max_results=1)
 
 
 @contextmanager
@@ -57,26 +68,93 @@ def _sqlite_first_use(db: Path) -> Iterator[bool]:
     With the lock the second waits, then finds the tables made. The lock file stays: deleting it
     would let a waiter hold a lock on a file nobody else opens.
     """
-    import fcntl
-
     key = db.resolve()
     with _READY_LOCK:  # one thread of this process does it; the others wait here
         if key in _READY:
             yield False
             return
+        with file_lock(Path(f"{key}.lock")) as held:
+            yield held
+        if held:
+            _READY.add(key)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive flock on `path` (created if needed, and left: deleting it would let a waiter
+    hold a lock on a file nobody else opens); yields False, holding nothing, when the file cannot be
+    made (a missing or read-only folder: the store's own error will say so)."""
+    import fcntl
+
+    try:
+        lock = open(path, "a")
+    except OSError as exc:
+        log.debug("no lock file %s: %s", path, exc)
+        yield False
+        return
+    with lock:  # closing the file releases the flock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield True
+
+
+def _create_sqlite_store(db: Path) -> None:
+    """Create the sqlite store `db` whole or not at all: migrated in a temporary file beside it, then
+    renamed into place.
+
+    MLflow's migrations are not one transaction on sqlite (a batch migration commits its DDL before
+    alembic records it): a full disk mid-way left a file every later open failed on ("duplicate column
+    name: db_payload_generation") until someone deleted it. A failure here leaves no store, and one
+    line naming it (`TrackingError`, a user error), so the next command, once space is freed, starts over.
+    """
+    import tempfile
+
+    tmp = None
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{db.name}.", suffix=".creating", dir=db.parent)
+        os.close(fd)
+        tmp = Path(name)
+        _sqlite_wal(tmp)  # before the tables: the file is in WAL mode from its first write
+        tmp_uri = f"sqlite:///{tmp}"
         try:
-            lock = open(f"{key}.lock", "a")
-        except OSError as exc:  # a missing or read-only folder: MLflow's own error will say so
-            log.debug("no lock file beside %s: %s", db, exc)
-            lock = None
-        if lock is None:
-            yield False
-            return
-        with lock:  # closing the file releases the flock
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            _sqlite_wal(db)  # before the tables: the file is in WAL mode from its first write
-            yield True
-        _READY.add(key)
+            _open_stores(MlflowClient(tracking_uri=tmp_uri, registry_uri=tmp_uri))
+        finally:
+            _close_engines(tmp_uri)
+        _sqlite_settle(tmp)
+        os.rename(tmp, db)  # atomic within one folder: other processes see no store, or a whole one
+        tmp = None
+    except Exception as exc:  # noqa: BLE001 - whatever failed (ENOSPC, sqlite's "disk is full"), nothing is left
+        raise TrackingError(f"the MLflow store {db} could not be created (nothing was left behind): "
+                            f"{first_line(exc)}") from None
+    finally:
+        if tmp is not None:
+            for leftover in (tmp, *(Path(f"{tmp}{s}") for s in ("-wal", "-shm", "-journal"))):
+                leftover.unlink(missing_ok=True)
+
+
+def _close_engines(db_uri: str) -> None:
+    """Close MLflow's pooled connections to `db_uri` and forget them (MLflow caches one engine per URI
+    and store kind): a connection left open on the temporary file would keep its ``-wal`` file alive."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+    for store in (TrackingStore, RegistryStore):
+        engines = getattr(store, "_engine_map", {})
+        for key in [k for k in engines if k == db_uri]:
+            engines.pop(key).dispose()
+
+
+def _sqlite_settle(db: Path) -> None:
+    """Fold `db`'s write-ahead log into the file and flush it to disk, so that the file alone is the
+    store when it is renamed (the last connection closing deletes the ``-wal`` and ``-shm`` files)."""
+    import sqlite3
+
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        con.close()
+    with open(db, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:

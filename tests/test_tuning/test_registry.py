@@ -43,6 +43,7 @@ def store(workdir):
         run = client.create_run(exp, tags={N.TAG_STAGE: N.STAGE_FINAL})
         client.log_metric(run.info.run_id, M.TEST_ACC, test_acc)
         client.log_metric(run.info.run_id, M.TEST_LOSS, 1.0 - test_acc)
+        client.set_terminated(run.info.run_id)  # a final run that ended: promotion refuses any other
         tags = {N.TAG_DATA_FINGERPRINT: "abc" if test_size == 56 else "sub", N.TAG_TEST_SIZE: str(test_size)}
         return str(client.create_model_version(NAME, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id, tags=tags).version)
 
@@ -136,6 +137,7 @@ def test_predict_and_serve_the_champion(store, workdir, tiny_folder, capsys, cap
     path = pyfunc.save(workdir / "model", [(_model(spec), spec)], np.zeros((48, 48), np.uint8))
     client.log_artifacts(run.info.run_id, str(path), "model")
     client.log_metric(run.info.run_id, M.TEST_ACC, 0.5)
+    client.set_terminated(run.info.run_id)
     version = str(client.create_model_version(NAME, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id).version)
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
 

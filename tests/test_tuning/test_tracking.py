@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -56,3 +57,64 @@ def test_two_commands_on_a_new_sqlite_store_both_start(tmp_path):
         runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
         assert sorted(r.data.tags["who"] for r in runs) == ["0", "1"]
         assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def _fail_once(monkeypatch, owner, attr: str, when=lambda *a, **k: True) -> list:
+    """Make `owner.attr` raise ENOSPC the first time `when(*args)` holds; returns the list of calls that raised."""
+    real, raised = getattr(owner, attr), []
+
+    def failing(*args, **kwargs):
+        if not raised and when(*args, **kwargs):
+            raised.append(args)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attr, failing)
+    return raised
+
+
+def _stamping(target: str):
+    """True for alembic's stamp of migration `target`: its DDL has run, its version is not yet recorded."""
+    return lambda maintainer, step, *a, **k: target in getattr(step, "to_revisions", ())
+
+
+@pytest.mark.parametrize("where", ["mid-migration", "registry-touch"])
+def test_a_new_store_whose_creation_fails_leaves_nothing_behind(tmp_path, monkeypatch, where):
+    """A full disk mid-creation left a half-migrated file that failed every later open ("duplicate
+    column name: db_payload_generation") until deleted by hand. Mid-migration is the failure seen:
+    migration da6fb0208061 (batch DDL, committed) ran and the disk filled before alembic recorded it;
+    later MLflow versions without it fail at their newest migration instead. Now the store is built
+    in a temporary file and renamed into place: a failure leaves no store, and one clear line."""
+    from alembic.runtime import migration
+    from mlflow.store.db.utils import _get_latest_schema_revision
+    from mlflow.store.db_migrations import versions
+
+    from fer_model.errors import UserError
+    from tuning import tracking
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    if where == "mid-migration":
+        target = "da6fb0208061" if list(Path(versions.__file__).parent.glob("da6fb0208061_*.py")) \
+            else _get_latest_schema_revision()
+        raised = _fail_once(monkeypatch, migration.HeadMaintainer, "update_to_step", _stamping(target))
+    else:
+        raised = _fail_once(monkeypatch, MlflowClient, "search_registered_models")
+    with pytest.raises(UserError) as err:
+        tracking.client_for(uri)
+    assert raised, "the failure was not injected"
+    message = str(err.value)
+    assert str(db) in message and "No space left on device" in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db.lock"]  # no store, no temporary file
+
+    monkeypatch.undo()  # space is freed: the next command creates a working store
+    client = tracking.client_for(uri)
+    run_id = create_run(client, ensure_experiment(client, "e"), "run", {})
+    client.create_registered_model("m")
+    client.create_model_version("m", f"runs:/{run_id}/model", run_id=run_id)
+    assert MlflowClient(uri, registry_uri=uri).get_registered_model("m").name == "m"
+    assert sorted(p.name for p in tmp_path.iterdir() if "mlflow.db" in p.name and p.suffix != ".lock") \
+        in (["mlflow.db"], ["mlflow.db", "mlflow.db-shm", "mlflow.db-wal"])
+    import sqlite3
+
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
