@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
-from fer_model.errors import UserError
+from fer_model.errors import UserError, storage_error
 
 USAGE_ERROR = 2
 
@@ -107,6 +107,9 @@ def quiet_libraries() -> None:
     # code_paths), not something the user can act on; the input-example check is routine.
     drop_log_messages("mlflow.pyfunc", "Passing a Python object as `python_model`",
                       "Validating input example against model signature")
+    # A failed store write (full disk, locked or read-only database): MLflow logs the SQL error with its
+    # traceback, then raises it to the caller, which retries or says what failed in one line of its own.
+    drop_log_messages("mlflow.store.db.utils", "SQLAlchemy database error")
     # Optuna's plots (search stage) are laid out with tight_layout; some have a colorbar axes it
     # cannot place, and matplotlib says so on every plot. The plot is saved all the same.
     warnings.filterwarnings("ignore", message="This figure includes Axes that are not compatible with tight_layout",
@@ -141,3 +144,10 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         return 130
     except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, its one line already printed)
         return exc.code if isinstance(exc.code, int) else USAGE_ERROR
+    except Exception as exc:  # a full disk or a read-only folder is the machine's state: one line, exit 2
+        refused = storage_error(exc)
+        if refused is None:
+            raise
+        print(f"error: storage refused a write ({refused}); free space (or fix the folder) and run the command "
+              "again (a tuning command: with --resume)", file=sys.stderr)
+        return USAGE_ERROR

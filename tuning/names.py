@@ -20,6 +20,8 @@ TAG_OUTCOME = "outcome"
 OUTCOME_COMPLETED, OUTCOME_DIVERGED = "completed", "diverged"
 OUTCOME_STOPPED_EARLY, OUTCOME_ERROR = "stopped_early", "error"
 OUTCOME_DRIVER_LOST = "driver_lost"  # its driver died (tuning.orphans); --resume continues it
+TAG_ERROR = "error"  # a failed trial's error, its first line (the whole trace is in Tune's error file)
+TAG_TRACKING_URI = "tracking_uri"  # on a stage run: the tracking URI its driver wrote with (a --resume may use another)
 TAG_STOPPED_BY = "stopped_by"  # on a stage run whose --time-budget ran out
 STOPPED_BY_BUDGET = "time_budget"
 

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 from ray.tune import Callback
 from ray.tune.stopper import TimeoutStopper
 
 from fer_model import metrics as M
-from fer_model.errors import first_line
+from fer_model.errors import UserError, first_line
 from tuning import names as N
 from tuning.tracking import client_for, find_trial_run, log_metrics, set_tags, trial_runs
 from tuning.trainable import EPOCH, RUN_ID, TrialSetup, run_name
@@ -38,6 +40,53 @@ def outcome_of(last_result: Mapping[str, Any], epochs: int) -> str:
     return N.OUTCOME_COMPLETED if int(last_result.get(EPOCH, 0)) >= epochs else N.OUTCOME_STOPPED_EARLY
 
 
+@dataclass
+class _Stage:
+    """What this command knows of one stage run's Tune experiment."""
+
+    setup: TrialSetup
+    ended: set[str] = field(default_factory=set)  # trials Tune ended (TERMINATED or ERROR)
+    unsettled: dict[str, str] = field(default_factory=dict)  # trial id -> why its outcome was not written
+
+
+# The stages this driver runs, by stage run id. Tune pickles its callbacks and stopper with the experiment
+# and a --resume gets those pickles back: they keep only the stage run's id and find this command's setup
+# (tracking URI included) here, so nothing connection-bound comes back from an earlier command.
+_STAGES: dict[str, _Stage] = {}
+
+
+def bind(setup: TrialSetup) -> None:
+    """Make `setup` (this command's: its tracking URI) the one the stage run `setup.parent_run_id`'s
+    callbacks use, whether Tune made them now or restored them from an earlier command's pickle."""
+    _STAGES[setup.parent_run_id] = _Stage(setup)
+
+
+def _stage(parent_run_id: str) -> _Stage:
+    try:
+        return _STAGES[parent_run_id]
+    except KeyError:  # a callback restored without `bind`: a programming error, not a user's
+        raise RuntimeError(f"stage run {parent_run_id}: tuning.outcomes.bind(setup) was not called before Tune ran") from None
+
+
+def error_line(trial) -> str:
+    """A failed trial's error, first line, through Ray's public API (Ray 2.60's Trial has no error_msg):
+    the trial's local error file (written before the error callbacks run), else the copy in its storage."""
+    error = None
+    try:
+        if trial.error_file and os.path.exists(trial.error_file):
+            error = Path(trial.error_file).read_text(errors="replace")
+        else:
+            error = trial.get_error()  # a TuneError holding the trace, once synced to the storage path
+    except Exception:  # noqa: BLE001 - unreadable storage: say so rather than fail the settling
+        pass
+    lines = [line.strip() for line in str(error or "").strip().splitlines() if line.strip()]
+    # A trace ends with the exception itself ("DataError: cannot read checkpoint ..."): what a person reads first.
+    return lines[-1][:500] if lines else "no error recorded"
+
+
+SETTLE_RETRY_S = 20.0  # retry a failed outcome write this long (an HTTP server's own retries take minutes)
+
+
 class TrialOutcomes(Callback):
     """Records every trial's outcome in MLflow when Tune is done with it, and closes its run; prints a
     line per ended trial (named as its run, e.g. ``d0.3 lr1e-3``) and, in between, at most one
@@ -51,9 +100,19 @@ class TrialOutcomes(Callback):
     _last_line: float = 0.0
 
     def __init__(self, setup: TrialSetup, name_keys: tuple[str, ...] = (), total: int | None = None):
-        self.stage = setup
+        self.parent_run_id = setup.parent_run_id
         self.name_keys, self.total = tuple(name_keys), total
         self._ended, self._last_line = frozenset(), time.time()
+
+    @property
+    def stage(self) -> TrialSetup:
+        """This command's setup of the stage (see `bind`)."""
+        return _stage(self.parent_run_id).setup
+
+    def __setstate__(self, state: dict) -> None:
+        if "stage" in state:  # pickled before `bind`: it held the first command's setup, URI and all
+            state["parent_run_id"] = state.pop("stage").parent_run_id
+        self.__dict__.update(state)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
         if time.time() - self._last_line < PROGRESS_EVERY_S or int(result.get(EPOCH, 0)) >= int(trial.config.get("epochs", 0)):
@@ -64,14 +123,14 @@ class TrialOutcomes(Callback):
                     f"{val} [{self._count(trials)} done, {running} running]")
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        result = trial.last_result or {}
-        outcome = outcome_of(result, int(trial.config.get("epochs", 0)))
+        outcome = outcome_of(trial.last_result or {}, int(trial.config.get("epochs", 0)))
         self._settle(trial, outcome)
         self._announce(trial, trials, outcome)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        log.warning("trial %s failed: %s", trial.trial_id, first_line(trial.error_msg or "") if trial.error_msg else "")
-        self._settle(trial, N.OUTCOME_ERROR)
+        why = error_line(trial)
+        log.warning("trial %s failed: %s", self._name(trial), why)
+        self._settle(trial, N.OUTCOME_ERROR, {N.TAG_ERROR: why})
         self._announce(trial, trials, N.OUTCOME_ERROR)
 
     def _name(self, trial) -> str:
@@ -96,37 +155,75 @@ class TrialOutcomes(Callback):
         self._last_line = time.time()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        client = client_for(self.stage.tracking_uri)
-        budget_spent = client.get_run(self.stage.parent_run_id).data.tags.get(N.TAG_STOPPED_BY) == N.STOPPED_BY_BUDGET
-        runs = trial_runs(client, self.stage.experiment_id, self.stage.parent_run_id)
+        """Settle, from Tune's state and the store's, every trial whose run is not settled yet: in this
+        session and at every --resume, so a trial whose outcome write failed earlier (a full disk, a
+        server down) is settled as soon as the store takes writes, however many commands later."""
+        stage = _stage(self.parent_run_id)
+        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        stage.ended |= {t.trial_id for t in ended}
+        try:
+            client = client_for(self.stage.tracking_uri)
+            budget_spent = client.get_run(self.parent_run_id).data.tags.get(N.TAG_STOPPED_BY) == N.STOPPED_BY_BUDGET
+            runs = trial_runs(client, self.stage.experiment_id, self.parent_run_id)
+        except Exception as exc:  # noqa: BLE001 - the store is unreachable: `summarize` says so, in one line
+            for trial in ended:
+                stage.unsettled.setdefault(trial.trial_id, first_line(exc))
+            return
         for trial in trials:
             run = runs.get(trial.trial_id)
-            if run is None or run.info.status != "RUNNING":
-                continue  # settled already (now or in an earlier session), or never started
-            if budget_spent:
+            if run is None or settled(run):
+                continue  # never started, or settled (now or in an earlier command)
+            if trial.status == "TERMINATED":  # ended, its outcome not written: an earlier write failed
+                outcome = outcome_of(trial.last_result or {}, int(trial.config.get("epochs", 0)))
+                if self._settle(trial, outcome) and trial.trial_id not in self._ended:
+                    self._announce(trial, trials, outcome)
+            elif trial.status == "ERROR":
+                self._settle(trial, N.OUTCOME_ERROR, {N.TAG_ERROR: error_line(trial)})
+            elif budget_spent:
                 self._settle(trial, N.OUTCOME_STOPPED_EARLY)
                 self._announce(trial, trials, N.OUTCOME_STOPPED_EARLY)
-            else:  # Ctrl-C: Tune saved its state; --resume reopens this run
-                client.set_terminated(run.info.run_id, "KILLED")
+            elif run.info.status == "RUNNING":  # Ctrl-C: Tune saved its state; --resume reopens this run
+                try:
+                    client.set_terminated(run.info.run_id, "KILLED")
+                except Exception as exc:  # noqa: BLE001 - the next command settles it (tuning.orphans)
+                    log.warning("MLflow: run %s not marked KILLED: %s", run.info.run_id, first_line(exc))
 
-    def _settle(self, trial, outcome: str) -> None:
-        client = client_for(self.stage.tracking_uri)
+    def _settle(self, trial, outcome: str, tags: Mapping[str, str] | None = None) -> bool:
+        """Write `outcome` (and the summary metrics) on the trial's run and close it; a failed write is
+        retried for `SETTLE_RETRY_S`, then remembered for `summarize`. True once written."""
+        stage = _stage(self.parent_run_id)
         result = trial.last_result or {}
-        run_id = result.get(RUN_ID)
-        if not run_id:
-            run = find_trial_run(client, self.stage.experiment_id, self.stage.parent_run_id, trial.trial_id)
-            run_id = run.info.run_id if run else None
-        if run_id is None:
-            return  # failed before it could open its run: the summary still lists it
         summary = {M.EPOCHS_COMPLETED: int(result.get(EPOCH, 0))}
         if M.VAL_ACC in result:
             summary[M.FINAL_VAL_ACC] = result[M.VAL_ACC]
-        try:
-            log_metrics(client, run_id, summary, step=summary[M.EPOCHS_COMPLETED])
-            set_tags(client, run_id, {N.TAG_OUTCOME: outcome})
-            client.set_terminated(run_id, "FAILED" if outcome == N.OUTCOME_ERROR else "FINISHED")
-        except Exception as exc:  # noqa: BLE001 - a tracking outage must not end the experiment
-            log.warning("MLflow: outcome of run %s not recorded: %s", run_id, exc)
+        deadline, wait = time.monotonic() + SETTLE_RETRY_S, 1.0
+        while True:
+            try:
+                client = client_for(self.stage.tracking_uri)
+                run_id = result.get(RUN_ID)
+                if not run_id:
+                    run = find_trial_run(client, self.stage.experiment_id, self.parent_run_id, trial.trial_id)
+                    run_id = run.info.run_id if run else None
+                if run_id is None:
+                    return True  # failed before it could open its run: the summary still lists it
+                log_metrics(client, run_id, summary, step=summary[M.EPOCHS_COMPLETED])
+                set_tags(client, run_id, {N.TAG_OUTCOME: outcome, **(tags or {})})
+                client.set_terminated(run_id, "FAILED" if outcome == N.OUTCOME_ERROR else "FINISHED")
+                stage.unsettled.pop(trial.trial_id, None)
+                return True
+            except Exception as exc:  # noqa: BLE001 - a tracking outage must not end the experiment
+                if time.monotonic() + wait > deadline:
+                    stage.unsettled[trial.trial_id] = first_line(exc)
+                    log.warning("MLflow %s: outcome of trial %s not recorded: %s", self.stage.tracking_uri,
+                                trial.trial_id, first_line(exc))
+                    return False
+                time.sleep(wait)
+                wait *= 2
+
+
+def settled(run) -> bool:
+    """Whether a trial run's outcome is recorded and the run closed (KILLED runs are not: --resume reopens them)."""
+    return run.info.status in ("FINISHED", "FAILED") and N.TAG_OUTCOME in run.data.tags
 
 
 class BudgetStopper(TimeoutStopper):
@@ -134,16 +231,22 @@ class BudgetStopper(TimeoutStopper):
 
     Tune saves the stopper with the experiment (a resumed search gets what was left); the mark in
     MLflow is how `TrialOutcomes` tells a spent budget from Ctrl-C, in this session or a resumed one.
+    Like `TrialOutcomes` it keeps only the stage run's id: the tracking URI is this command's (`bind`).
     """
 
-    def __init__(self, seconds: float, tracking_uri: str, parent_run_id: str):
+    def __init__(self, seconds: float, parent_run_id: str):
         super().__init__(seconds)
-        self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
+        self.parent_run_id = parent_run_id
+
+    def __setstate__(self, state: dict) -> None:
+        state.pop("tracking_uri", None)  # pickled before `bind`: the first command's URI
+        super().__setstate__(state)  # Tune's: the budget counts from now, not from the pickle's time
 
     def stop_all(self) -> bool:
         if not super().stop_all():
             return False
-        set_tags(client_for(self.tracking_uri), self.parent_run_id, {N.TAG_STOPPED_BY: N.STOPPED_BY_BUDGET})
+        set_tags(client_for(_stage(self.parent_run_id).setup.tracking_uri), self.parent_run_id,
+                 {N.TAG_STOPPED_BY: N.STOPPED_BY_BUDGET})
         return True
 
 
@@ -180,29 +283,47 @@ class Interrupted(KeyboardInterrupt):
     """A stage stopped before all its trials finished (Ctrl-C); its state is saved."""
 
 
+class StoreUnavailable(UserError):
+    """Trials ended but the tracking store did not take their outcomes: nothing was interrupted, and
+    the same command with --resume settles them once the store takes writes again."""
+
+
 def summarize(results, setup: TrialSetup, expected: int | None = None) -> list[TrialRow]:
     """The stage's trials, from Tune's results and the outcomes in MLflow (the one place a running
     stage's rows are built; `trial_rows` reads a finished stage's back from MLflow).
 
-    Raises `Interrupted` when a trial has no outcome (Ctrl-C cut it), or when a search created
+    Raises `StoreUnavailable` when trials Tune ended have no outcome because the store refused it,
+    `Interrupted` when a trial has no outcome because it was cut (Ctrl-C), or when a search created
     fewer trials than asked without its time budget running out.
     """
     from tuning.trainable import TAG_NODE_ID, TAG_NODE_IP
 
-    client = client_for(setup.tracking_uri)
-    runs = trial_runs(client, setup.experiment_id, setup.parent_run_id)
-    rows, cut = [], 0
+    stage = _STAGES.get(setup.parent_run_id) or _Stage(setup)
+    try:
+        client = client_for(setup.tracking_uri)
+        runs = trial_runs(client, setup.experiment_id, setup.parent_run_id)
+        budget_spent = client.get_run(setup.parent_run_id).data.tags.get(N.TAG_STOPPED_BY) == N.STOPPED_BY_BUDGET
+    except Exception as exc:  # noqa: BLE001 - unreachable, full, or refusing reads
+        raise StoreUnavailable(f"the MLflow store {setup.tracking_uri} cannot be read ({first_line(exc)}); "
+                               "the trials' state is saved") from None
+    rows, cut, unsettled = [], 0, []
     for result in results:
         trial_id = str((result.metrics or {}).get("trial_id") or result.path.rstrip("/").split("/")[-1])
         run = runs.get(trial_id)
         outcome = run.data.tags.get(N.TAG_OUTCOME) if run else (N.OUTCOME_ERROR if result.error else None)
         if outcome is None or (run is not None and run.info.status in ("RUNNING", "KILLED")):
-            cut += 1
+            if trial_id in stage.ended:
+                unsettled.append(trial_id)  # it ended; only its outcome is missing
+            else:
+                cut += 1
             continue
         rows.append(TrialRow(trial_id, dict(result.config or {}), outcome, _history(result),
                              run.info.run_id if run else None, run.info.run_name if run else "",
                              f"{run.data.tags.get(TAG_NODE_ID, '')[:8]} {run.data.tags.get(TAG_NODE_IP, '')}".strip() if run else ""))
-    budget_spent = client.get_run(setup.parent_run_id).data.tags.get(N.TAG_STOPPED_BY) == N.STOPPED_BY_BUDGET
+    if unsettled:
+        why = next((stage.unsettled[t] for t in unsettled if t in stage.unsettled), "its outcome was not written")
+        raise StoreUnavailable(f"the MLflow store {setup.tracking_uri} did not record the outcome of {len(unsettled)} "
+                               f"finished trial(s) ({why}); nothing was interrupted and no training is lost")
     missing = 0 if expected is None or budget_spent else max(expected - len(results), 0)
     if cut or missing:
         raise Interrupted(f"interrupted with {cut + missing} trial(s) unfinished; the state is saved")
@@ -236,7 +357,6 @@ def ties_at_top(rows: list[TrialRow]) -> list[TrialRow]:
     The first is the one picked; more than one means a tie, which the stages print. Accuracies tie
     when exactly equal: on one validation set they are counts over the same denominator.
     """
-    from fer_model.errors import UserError
 
     pool = ranked(rows)
     if not pool:
@@ -278,7 +398,7 @@ def trial_rows(client, experiment_id: str, parent_run_id: str) -> list[TrialRow]
     driver settled, and the validation accuracy of each epoch (the only metric the histories hold).
     Runs without an outcome (cut by Ctrl-C) are left out; rows come in Tune's trial order."""
     from fer_model.config import TrainConfig
-    from fer_model.errors import ConfigError, UserError
+    from fer_model.errors import ConfigError
 
     rows = []
     for trial_id, run in sorted(trial_runs(client, experiment_id, parent_run_id).items()):  # ids end in Tune's index

@@ -20,12 +20,12 @@ from typing import Any, Callable, Iterator, Sequence
 from mlflow.entities.model_registry import ModelVersion
 
 from fer_model import data as fdata
-from fer_model.errors import UserError, first_line
+from fer_model.errors import UserError, first_line, storage_error
 from fer_model.evaluate import describe_test
 from fer_model.presets import STUDY_TEST_ACC
 from tuning import names as N
 from tuning import describe, phases, report, resume
-from tuning.outcomes import TrialRow, ensemble_candidates, trial_rows
+from tuning.outcomes import StoreUnavailable, TrialRow, ensemble_candidates, trial_rows
 from tuning.resume import to_json
 from tuning.orphans import settle_orphans
 from tuning.flags import ENSEMBLE_AUTO, LATEST_GRID, CommonOptions, FinalOptions, SearchOptions
@@ -67,6 +67,7 @@ def grid(ctx: StageContext, inputs: GridInputs, run_id: str, restore_path: str |
     n = len(inputs.dropouts) * len(inputs.lrs)
     print(plan_line(ctx, f"grid {n} trials (dropout {','.join(f'{v:g}' for v in inputs.dropouts)} x lr "
                          f"{','.join(f'{v:g}' for v in inputs.lrs)}) x {inputs.epochs} epochs", n, then))
+    set_tags(ctx.client, run_id, {N.TAG_TRACKING_URI: ctx.tracking.uri})  # what a --resume compares with
     with tracked_run(ctx.client, run_id):
         result = grid_stage.run(ctx, run_id, inputs, restore_path)
     drop_tune_state(ctx, run_id)
@@ -100,6 +101,7 @@ def search(ctx: StageContext, options: SearchOptions, start_config: dict[str, An
     asha = f", ASHA grace {o.scheduler.grace_period} rf {o.scheduler.reduction_factor:g}" if o.scheduler.kind == "asha" else ""
     print(plan_line(ctx, f"search {o.trials} trials x {o.epochs} epochs (TPE{asha}; study {plan.study_name}"
                          f"{', resumed' if plan.run_id else ''})", o.trials, then))
+    set_tags(ctx.client, run_id, {N.TAG_TRACKING_URI: ctx.tracking.uri})
     with tracked_run(ctx.client, run_id):
         result = search_stage.run(ctx, run_id, plan)
     drop_tune_state(ctx, run_id)
@@ -340,6 +342,14 @@ def _command(opts: CommonOptions, body: Callable[[StageContext], StageResult], r
     except KeyboardInterrupt as exc:
         text = str(exc) or "interrupted"
         raise KeyboardInterrupt(text if "continue with:" in text else f"{text}; continue with: {resume_command}") from None
+    except StoreUnavailable as exc:  # exit 2: the user's store to fix, then the same command goes on
+        raise StoreUnavailable(f"{exc}; once the store takes writes again, continue with: {resume_command}") from None
+    except Exception as exc:  # a full disk under the store, the artifacts or Tune's folder: the same
+        refused = storage_error(exc)
+        if refused is None:
+            raise
+        raise StoreUnavailable(f"storage refused a write ({refused}); once there is room, continue with: "
+                               f"{resume_command}") from None
     print(f"wall time {time.perf_counter() - t0:.0f} s; {result.stage} run {result.parent_run_id}")
     print(f"inspect: {report.mlflow_ui_command(opts.tracking.uri)}{inspect}")
     server = opts.tracking.uri if opts.tracking.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"

@@ -37,6 +37,9 @@ def check_can_continue(ctx: StageContext, run, what: str) -> str:
     if run.info.status == "RUNNING" and driver_alive(tags):
         raise UserError(f"--resume: {what} run {run_id} is still running "
                         f"(host {tags.get(N.TAG_DRIVER_HOST)}, pid {tags.get(N.TAG_DRIVER_PID)})")
+    was_uri = tags.get(N.TAG_TRACKING_URI)
+    if was_uri and was_uri != ctx.tracking.uri:  # e.g. `cluster.local down`, `up`: the same store, a new server
+        print(f"--resume: {what} run {run_id} was tracked through {was_uri}; it continues through {ctx.tracking.uri}")
     was = run.data.params
     changed = [f"{k} was {was[k]}, now {v}" for k, v in data_params(ctx).items() if k in was and was[k] != str(v)]
     if changed:

@@ -16,7 +16,7 @@ from fer_model.cli import drop_log_messages, sigterm_as_ctrl_c
 from fer_model.errors import UserError, first_line
 from tuning.flags import ClusterOptions
 from tuning import phases
-from tuning.outcomes import BudgetStopper, TrialOutcomes, TrialRow, summarize
+from tuning.outcomes import BudgetStopper, TrialOutcomes, TrialRow, bind, summarize
 from tuning.trainable import EPOCH, TrialSetup, train_trial
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, para
             {"cpu": cluster.cpus_per_trial, "gpu": gpu_share(cluster)},
         )
     total = grid_size(param_space, num_samples)
+    bind(setup)  # this command's tracking URI for the callbacks, also those a restore unpickles
     if restore_path:
         # Finished trials are kept; unfinished and errored ones continue from their last checkpoint.
         tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -169,7 +170,7 @@ def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, para
                 reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name, storage_path=cluster.storage,
-                stop=BudgetStopper(time_budget_s, setup.tracking_uri, setup.parent_run_id) if time_budget_s else None,
+                stop=BudgetStopper(time_budget_s, setup.parent_run_id) if time_budget_s else None,
                 callbacks=[TrialOutcomes(setup, name_keys=tuple(name_keys), total=total)],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest epoch is all a resume needs
                 failure_config=tune.FailureConfig(max_failures=1),  # one retry from the last checkpoint

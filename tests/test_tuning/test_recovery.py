@@ -1,0 +1,158 @@
+"""Unattended recovery (issue 22), with real processes: a driver whose outcome writes the store refuses,
+a trial that fails twice (a truncated checkpoint), and a resume through another tracking server.
+
+Each grid driver is a subprocess on the test session's Ray; each test reads the store back: one run per
+trial, nothing RUNNING, every outcome recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import run_main
+from mlflow.tracking import MlflowClient
+
+from fer_model import metrics as M
+from tuning import grid
+from tuning import names as N
+
+SAMPLES = 70  # of tiny_folder's 280 Training images: about a second an epoch
+
+
+def _runs(client, query: str = ""):
+    exp = client.get_experiment_by_name(N.DEFAULT_EXPERIMENT)
+    return client.search_runs([exp.experiment_id], query, max_results=1000) if exp else []
+
+
+def _trials(client):
+    return _runs(client, f"tags.`{N.TAG_STAGE}` = '{N.STAGE_TRIAL}'")
+
+
+def _tune_epochs(workdir: Path) -> int:
+    """The latest epoch Tune's driver has recorded for any trial (its result.json, written by the driver)."""
+    epochs = [json.loads(line)["epoch"] for path in workdir.glob("ray_results/grid-*/*/result.json")
+              for line in path.read_text().splitlines() if line.strip()]
+    return max(epochs, default=0)
+
+
+def _start(workdir: Path, argv: list, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tuning.grid", *map(str, argv)], cwd=workdir,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if ready():
+                return
+        except Exception:  # noqa: BLE001 - files being written
+            pass
+        time.sleep(0.1)
+    out, err = proc.communicate(timeout=60) if proc.poll() is not None else ("", "still running")
+    pytest.fail(f"never ready (exit {proc.returncode}): {out[-2000:]} {err[-2000:]}")
+
+
+def test_a_refused_outcome_write_is_one_line_and_resume_settles_it(ray_session, workdir, tiny_folder, capsys):
+    """The driver's own writes to the store fail (its file-size limit cut below the store's write offsets:
+    the kernel refuses them with EFBIG, as a full disk refuses with ENOSPC) from its trial's first epoch
+    on; the trial, in a Ray worker, still writes its epochs. Before: a warning, then "interrupted ... --resume" (exit 130), and every --resume
+    exited 130 again. Now: one line naming the store, exit 2, and --resume settles the trial and ends."""
+    argv = ["--data", tiny_folder, "--max-samples", SAMPLES, "--dropouts", "0.3", "--lrs", "1e-3", "--epochs", 3,
+            "--no-final", "--keep-trial-dirs", "--address", ray_session]
+    proc = _start(workdir, argv)
+    _wait(proc, lambda: _tune_epochs(workdir) >= 1)
+    # Below the sqlite WAL's end (the driver's writes append there), above the driver's other files
+    # until the trial ends (Tune's result.json, about 1 KB an epoch, and its small state snapshots).
+    limit = 32 * 1024
+    wal = workdir / "mlflow.db-wal"
+    assert wal.stat().st_size > 4 * limit, "the store's WAL is too small for this fault to hit it"
+    psutil.Process(proc.pid).rlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 2, (out[-2000:], err[-3000:])
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the MLflow store sqlite:") and "did not record the outcome of 1 finished trial" in last
+    assert "nothing was interrupted" in last and "continue with: python -m tuning.grid" in last and "--resume" in last
+    assert "Traceback" not in err and "interrupted with" not in err
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    (trial,) = _trials(client)
+    assert N.TAG_OUTCOME not in trial.data.tags  # what the refused write would have recorded
+
+    assert run_main(grid.main, [*argv, "--resume"]) == 0, capsys.readouterr()
+    (trial,) = _trials(client)  # the same run, settled from Tune's state
+    assert trial.info.status == "FINISHED" and trial.data.tags[N.TAG_OUTCOME] == N.OUTCOME_COMPLETED
+    assert [m.step for m in client.get_metric_history(trial.info.run_id, M.VAL_ACC)] == [1, 2, 3]
+    (stage,) = _runs(client, f"tags.`{N.TAG_STAGE}` = '{N.STAGE_GRID}'")
+    assert stage.info.status == "FINISHED" and not _runs(client, "attributes.status = 'RUNNING'")
+
+
+def test_a_trial_that_fails_twice_is_failed_and_the_stage_goes_on(ray_session, workdir, tiny_folder, capsys, caplog):
+    """A truncated Tune checkpoint: the resumed trial fails on it, and again on its retry. Before: Ray 2.60's
+    Trial has no error_msg, so the driver crashed (AttributeError, exit 1) and cut the healthy trial too."""
+    argv = ["--data", tiny_folder, "--max-samples", SAMPLES, "--dropouts", "0.3,0.5", "--lrs", "1e-3", "--epochs", 4,
+            "--max-concurrent", 1, "--no-final", "--keep-trial-dirs", "--address", ray_session]
+    proc = _start(workdir, argv)
+    states = lambda: list(workdir.glob("ray_results/grid-*/*/checkpoint_*/state.pt"))  # noqa: E731
+    _wait(proc, lambda: _tune_epochs(workdir) >= 2)  # Tune's state has its epoch-1 checkpoint by then
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    for path in states():
+        path.write_bytes(path.read_bytes()[:100])  # truncated, as a disk that filled up mid-write leaves it
+
+    assert run_main(grid.main, [*argv, "--resume"]) == 0
+    out = capsys.readouterr()
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    trials = _trials(client)
+    assert len(trials) == 2 and len({t.data.tags[N.TAG_TRIAL_ID] for t in trials}) == 2  # one run per trial
+    failed = [t for t in trials if t.data.tags.get(N.TAG_OUTCOME) == N.OUTCOME_ERROR]
+    done = [t for t in trials if t.data.tags.get(N.TAG_OUTCOME) == N.OUTCOME_COMPLETED]
+    assert len(failed) == 1 and len(done) == 1, [(t.info.status, t.data.tags.get(N.TAG_OUTCOME)) for t in trials]
+    assert failed[0].info.status == "FAILED" and failed[0].data.tags[N.TAG_ERROR]  # the error's line, for a person
+    assert done[0].info.status == "FINISHED"
+    assert "DataError: cannot read checkpoint" in failed[0].data.tags[N.TAG_ERROR]  # the trace's last line
+    assert f"failed: {failed[0].data.tags[N.TAG_ERROR]}" in caplog.text and "(error)" in out.out
+    (stage,) = _runs(client, f"tags.`{N.TAG_STAGE}` = '{N.STAGE_GRID}'")
+    assert stage.info.status == "FINISHED" and not _runs(client, "attributes.status = 'RUNNING'")
+
+
+def test_a_resume_through_another_tracking_server_writes_there(ray_session, workdir, tiny_folder, mlflow_server_process, capsys):
+    """`cluster.local down`, `up` gives the same store a new server port. Before: Tune restored its pickled
+    callbacks with the first server's URI, so every outcome went to a dead port (minutes of retries each),
+    then the stage said "interrupted". Now the callbacks use the resuming command's URI, and it says so."""
+    from helpers import free_port
+
+    first = mlflow_server_process
+    argv = ["--data", tiny_folder, "--max-samples", SAMPLES, "--dropouts", "0.3", "--lrs", "1e-3", "--epochs", 3,
+            "--no-final", "--keep-trial-dirs", "--address", ray_session]
+    proc = _start(workdir, [*argv, "--tracking-uri", first.url])
+    _wait(proc, lambda: _tune_epochs(workdir) >= 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    first.stop()
+    second = type(first)(first.root, free_port())  # the same backend store and artifacts, another port
+    second.start()
+    try:
+        t0 = time.time()
+        assert run_main(grid.main, [*argv, "--tracking-uri", second.url, "--resume"]) == 0
+        seconds = time.time() - t0
+        out = capsys.readouterr().out
+        assert f"was tracked through {first.url}; it continues through {second.url}" in out
+        client = MlflowClient(second.url)
+        (trial,) = _trials(client)
+        assert trial.info.status == "FINISHED" and trial.data.tags[N.TAG_OUTCOME] == N.OUTCOME_COMPLETED
+        assert sorted(m.step for m in client.get_metric_history(trial.info.run_id, M.VAL_ACC)) == [1, 2, 3]
+        assert not _runs(client, "attributes.status = 'RUNNING'")
+        assert seconds < 120, f"{seconds:.0f} s: the resumed stage waited on the first server"
+    finally:
+        second.stop()
