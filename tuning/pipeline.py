@@ -165,11 +165,18 @@ def final(ctx: StageContext, options: FinalOptions, source_run_id: str, best_con
     run_id = create_run(ctx.client, ctx.experiment_id, inputs.run_name, inputs.tags(), inputs.params())
     with tracked_run(ctx.client, run_id):
         t0 = time.perf_counter()
-        result = final_stage.run(ctx, run_id, inputs)
-        phases.DRIVER.add(phases.FINAL_TRAIN, result.train_seconds)
-        phases.DRIVER.add(phases.FINAL_EVALUATE, time.perf_counter() - t0 - result.train_seconds)
-        with phases.DRIVER.time(phases.REGISTER):
-            version = register_step.register(ctx, result)
+        try:
+            result = final_stage.run(ctx, run_id, inputs)
+            phases.DRIVER.add(phases.FINAL_TRAIN, result.train_seconds)
+            phases.DRIVER.add(phases.FINAL_EVALUATE, time.perf_counter() - t0 - result.train_seconds)
+            with phases.DRIVER.time(phases.REGISTER):
+                version = register_step.register(ctx, result)
+        except Exception:  # a FAILED final run says error, not the training's "completed"
+            try:
+                set_tags(ctx.client, run_id, {N.TAG_OUTCOME: N.OUTCOME_ERROR})
+            except Exception:  # noqa: BLE001 - the store may be what failed
+                pass
+            raise
         log_metrics(ctx.client, run_id, phases.DRIVER.take())
     print(describe_final(result, version, full_data=ctx.data_config.max_samples is None))
     if options.promote and version is not None:
@@ -312,8 +319,23 @@ def _finished_stage(ctx: StageContext, run) -> StageResult:
 
 
 def _final_done(ctx: StageContext, source_run_id: str) -> bool:
+    """Whether the final stage of `source_run_id` is done: a FINISHED final run, or one whose driver died
+    after it registered its model (the version exists, only the run's end was not written), which is
+    adopted (marked FINISHED, said in one line) rather than retrained into a second version."""
     query = f"tags.`{N.TAG_PARENT}` = '{source_run_id}' and tags.`{N.TAG_STAGE}` = '{N.STAGE_FINAL}'"
-    return any(r.info.status == "FINISHED" for r in ctx.client.search_runs([ctx.experiment_id], query, max_results=20))
+    runs = ctx.client.search_runs([ctx.experiment_id], query, max_results=20)
+    if any(r.info.status == "FINISHED" for r in runs):
+        return True
+    for run in runs:
+        versions = [v for v in ctx.client.search_model_versions(f"run_id = '{run.info.run_id}'")
+                    if v.status == "READY"]
+        if versions:
+            set_tags(ctx.client, run.info.run_id, {N.TAG_OUTCOME: N.OUTCOME_COMPLETED})
+            ctx.client.set_terminated(run.info.run_id, "FINISHED")
+            print(f"final run {run.info.run_id} ({run.info.status.lower()}) had registered {versions[0].name} version "
+                  f"{versions[0].version} before its driver stopped: adopted, not retrained")
+            return True
+    return False
 
 
 def tune_search(opts: CommonOptions, options: SearchOptions, resume_command: str = "python -m tuning.search --resume") -> StageResult:

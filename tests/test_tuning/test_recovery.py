@@ -156,3 +156,31 @@ def test_a_resume_through_another_tracking_server_writes_there(ray_session, work
         assert seconds < 120, f"{seconds:.0f} s: the resumed stage waited on the first server"
     finally:
         second.stop()
+
+
+def test_a_final_run_that_registered_before_its_driver_died_is_adopted_not_retrained(workdir, capsys):
+    """A driver killed between creating the model version and ending its final run: the next command
+    settled the run KILLED, and --resume retrained and registered a second version. Now the resume adopts
+    the registered one (its run FINISHED, one line) and does not retrain."""
+    from tuning import pipeline
+    from tuning.stages import StageContext
+    from tuning.tracking import client_for, create_run, ensure_experiment
+
+    client = client_for(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment_id = ensure_experiment(client, N.DEFAULT_EXPERIMENT)
+    source = create_run(client, experiment_id, "grid", {N.TAG_STAGE: N.STAGE_GRID})
+    final = create_run(client, experiment_id, "final", {N.TAG_STAGE: N.STAGE_FINAL, N.TAG_PARENT: source})
+    client.create_registered_model(N.DEFAULT_MODEL_NAME)
+    version = client.create_model_version(N.DEFAULT_MODEL_NAME, f"runs:/{final}/model", run_id=final)
+    client.set_terminated(final, "KILLED")  # as the next command settles a dead driver's run
+    ctx = StageContext(client, experiment_id, None, None, None, None)
+
+    assert pipeline._final_done(ctx, source)
+    run = client.get_run(final)
+    assert run.info.status == "FINISHED" and run.data.tags[N.TAG_OUTCOME] == N.OUTCOME_COMPLETED
+    assert f"had registered {N.DEFAULT_MODEL_NAME} version {version.version} before its driver stopped: adopted" in capsys.readouterr().out
+    assert len(client.search_model_versions(f"name = '{N.DEFAULT_MODEL_NAME}'")) == 1
+
+    other = create_run(client, experiment_id, "grid", {N.TAG_STAGE: N.STAGE_GRID})
+    create_run(client, experiment_id, "final", {N.TAG_STAGE: N.STAGE_FINAL, N.TAG_PARENT: other})
+    assert not pipeline._final_done(ctx, other)  # killed before registering: retrained

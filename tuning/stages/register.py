@@ -51,6 +51,9 @@ def register(ctx: StageContext, final: FinalResult) -> ModelVersion | None:
     """A new version of `ctx.tracking.model_name` from `final`; None (and no version) if it diverged."""
     if final.diverged:  # a result to look at, never a model to serve
         return None
+    existing = [v for v in ctx.client.search_model_versions(f"run_id = '{final.run_id}'") if v.name == ctx.tracking.model_name]
+    if existing:  # registered already (a retried step): one version per final run
+        return existing[0]
     from tuning import pyfunc
 
     with tempfile.TemporaryDirectory() as d:
