@@ -45,8 +45,12 @@ class _Stage:
     """What this command knows of one stage run's Tune experiment."""
 
     setup: TrialSetup
-    ended: set[str] = field(default_factory=set)  # trials Tune ended (TERMINATED or ERROR)
+    ended: set[str] = field(default_factory=set)  # trials that ended (their function returned, or failed)
     unsettled: dict[str, str] = field(default_factory=dict)  # trial id -> why its outcome was not written
+    # Trials Tune holds as ended when this command's Tune loop first stepped (ended in an earlier command);
+    # None until then. Tune marks the trials it stops on Ctrl-C TERMINATED too, so "TERMINATED" at the end
+    # of an experiment alone does not mean a trial ran to its end.
+    ended_at_start: set[str] | None = None
 
 
 # The stages this driver runs, by stage run id. Tune pickles its callbacks and stopper with the experiment
@@ -122,12 +126,19 @@ class TrialOutcomes(Callback):
         self._print(f"  trial {self._name(trial)}: epoch {result.get(EPOCH, '?')}/{trial.config.get('epochs', '?')}, "
                     f"{val} [{self._count(trials)} done, {running} running]")
 
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        stage = _stage(self.parent_run_id)
+        if stage.ended_at_start is None:
+            stage.ended_at_start = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        _stage(self.parent_run_id).ended.add(trial.trial_id)
         outcome = outcome_of(trial.last_result or {}, int(trial.config.get("epochs", 0)))
         self._settle(trial, outcome)
         self._announce(trial, trials, outcome)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        _stage(self.parent_run_id).ended.add(trial.trial_id)
         why = error_line(trial)
         log.warning("trial %s failed: %s", self._name(trial), why)
         self._settle(trial, N.OUTCOME_ERROR, {N.TAG_ERROR: why})
@@ -159,8 +170,11 @@ class TrialOutcomes(Callback):
         session and at every --resume, so a trial whose outcome write failed earlier (a full disk, a
         server down) is settled as soon as the store takes writes, however many commands later."""
         stage = _stage(self.parent_run_id)
-        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
-        stage.ended |= {t.trial_id for t in ended}
+        before = stage.ended_at_start
+        if before is None:  # Tune never stepped: every trial had ended in an earlier command
+            before = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        stage.ended |= before
+        ended = [t for t in trials if t.trial_id in stage.ended]
         try:
             client = client_for(self.stage.tracking_uri)
             budget_spent = client.get_run(self.parent_run_id).data.tags.get(N.TAG_STOPPED_BY) == N.STOPPED_BY_BUDGET
@@ -173,11 +187,11 @@ class TrialOutcomes(Callback):
             run = runs.get(trial.trial_id)
             if run is None or settled(run):
                 continue  # never started, or settled (now or in an earlier command)
-            if trial.status == "TERMINATED":  # ended, its outcome not written: an earlier write failed
+            if trial.trial_id in stage.ended and trial.status == "TERMINATED":  # ended; an outcome write failed
                 outcome = outcome_of(trial.last_result or {}, int(trial.config.get("epochs", 0)))
                 if self._settle(trial, outcome) and trial.trial_id not in self._ended:
                     self._announce(trial, trials, outcome)
-            elif trial.status == "ERROR":
+            elif trial.trial_id in stage.ended and trial.status == "ERROR":
                 self._settle(trial, N.OUTCOME_ERROR, {N.TAG_ERROR: error_line(trial)})
             elif budget_spent:
                 self._settle(trial, N.OUTCOME_STOPPED_EARLY)

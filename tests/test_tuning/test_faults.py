@@ -311,6 +311,11 @@ def test_mlflow_server_down_mid_trial_loses_no_epoch(ray_session, workdir, tiny_
         server.stop()
         times["down"] = time.time()
         time.sleep(max(0.0, down - server.startup_seconds))  # a start takes this long again: down ~`down` s
+        # On a loaded machine an epoch can outlast that: stay down until one has ended inside the outage
+        # (Tune's whole-second stamp wholly past the stop), at most 30 s more, so the fault meets training.
+        deadline = time.time() + 30
+        while time.time() < deadline and not any(r["timestamp"] > times["down"] for r in tune_results(workdir)):
+            time.sleep(0.2)
         times["restart"] = time.time()
         server.start()
         times["up"] = time.time()
