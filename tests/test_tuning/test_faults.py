@@ -304,7 +304,9 @@ def report_fault(what: str, run, results: list[dict], inside: list[dict], epochs
 def test_mlflow_server_down_mid_trial_loses_no_epoch(ray_session, workdir, tiny_folder, mlflow_server_process):
     """The server's process group is stopped (SIGTERM) for at least DOWN seconds, then a new server
     starts on the same port and stores: the trial trains on, and every epoch reaches the store once."""
-    server, epochs, down = mlflow_server_process, 6, 9.0
+    # 30 epochs: an epoch of SAMPLES images takes ~0.2 s with native bf16 and ~1 s in fp32 (2 cores), and the
+    # trial must still be training once the stop (~1 s) is through, on either machine.
+    server, epochs, down = mlflow_server_process, 30, 9.0
 
     def outage(times: dict) -> None:
         times["stopping"] = time.time()
