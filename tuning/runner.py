@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import socket
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import ray
@@ -17,6 +21,7 @@ from fer_model.errors import UserError, first_line
 from tuning.flags import ClusterOptions
 from tuning import phases
 from tuning.outcomes import BudgetStopper, TrialOutcomes, TrialRow, bind, summarize
+from tuning.tracking import pid_namespace, process_start_time
 from tuning.trainable import EPOCH, TrialSetup, train_trial
 
 log = logging.getLogger(__name__)
@@ -26,7 +31,11 @@ VERBOSE_ENV = "FER_TUNE_VERBOSE"
 
 
 def init_ray(cluster: ClusterOptions) -> bool:
-    """Join `cluster.address` or start a local Ray; returns True when this call started it."""
+    """Join `cluster.address` or start a local Ray; returns True when this call started it.
+
+    First it stops what a dead driver's local Ray left running (`reap_dead_drivers_ray`); a local
+    Ray it starts is recorded for the next command to do the same (`record_local_ray`).
+    """
     # A new local Ray turns on token authentication and says so ("Token authentication is enabled for
     # this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out") at every start: the safe default
     # announced, nothing to do. Its warning that authentication is *disabled* still shows.
@@ -34,6 +43,8 @@ def init_ray(cluster: ClusterOptions) -> bool:
                       "Token authentication is enabled for this Ray cluster")
     if ray.is_initialized():
         return False
+    reap_dead_drivers_ray()  # before ray.init: a dead driver's agents still hold ports and memory
+    before = _descendants()
     try:
         # "local": a new Ray of our own, never a cluster someone else started with `ray start` on this
         # machine (which a plain ray.init() would join silently).
@@ -43,10 +54,118 @@ def init_ray(cluster: ClusterOptions) -> bool:
                                log_to_driver=True)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise UserError(f"cannot join the Ray cluster at {cluster.address!r}: {first_line(exc)}") from None
+    if not cluster.address:
+        try:
+            record_local_ray(before)
+        except OSError as exc:  # a read-only home: the stage runs all the same, unrecorded
+            log.warning("could not record the local Ray's processes in %s: %s", ray_records_dir(), exc)
     sigterm_as_ctrl_c()  # ray.init installed its own, which aborts mid-Tune
     if cluster.dashboard:
         print(f"Ray dashboard: http://{context.dashboard_url}")
     return True
+
+
+# A SIGKILLed driver's local Ray does not all die with it. Its direct children (gcs_server, raylet,
+# dashboard, monitors) get SIGKILL from the kernel when it dies (Ray's fate sharing), but the
+# raylet's agents, ray::DashboardAgent and ray::RuntimeEnvAgent, see their raylet gone and then hang
+# in exit for about a minute, holding ports and memory (ray-project/ray#52385; seen in 4 of 4 kills).
+# So a driver records the Ray it started, and the next driver stops what a dead one left.
+
+
+def ray_records_dir() -> Path:
+    """Where drivers record the local Ray they started: $XDG_CACHE_HOME/fer-tune/ray, else ~/.cache/fer-tune/ray.
+
+    One file per driver, ``ray-<driver pid>.json``: the driver's pid, start time, host and pid
+    namespace, and each Ray process's pid and start time. A later `init_ray` removes it once its
+    driver is gone, after stopping what is left of that Ray.
+    """
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fer-tune" / "ray"
+
+
+def _same_process(pid: int, started: float) -> bool:
+    """Whether `pid` still runs and is the process recorded (its start time), not a reuse of the id."""
+    return abs(process_start_time(pid) - started) < 1
+
+
+def _descendants() -> dict[int, tuple[float, str]]:
+    """This process's descendants now: pid -> (start time, name)."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            found[child.pid] = (child.create_time(), child.name())
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def record_local_ray(before: dict[int, tuple[float, str]], folder: Path | None = None) -> Path:
+    """Record in `folder` the processes this driver has now and had not `before` ray.init: its local Ray.
+
+    A driver that starts Ray again (ray.shutdown, then init_ray) adds to its record.
+    """
+    import psutil
+
+    folder = folder or ray_records_dir()
+    me = psutil.Process()
+    procs = [{"pid": pid, "started": started, "name": name} for pid, (started, name) in _descendants().items()
+             if pid not in before or before[pid][0] != started]
+    path = folder / f"ray-{me.pid}.json"
+    record = {"driver_pid": me.pid, "driver_started": me.create_time(), "host": socket.gethostname(),
+              "pid_ns": pid_namespace(), "processes": procs}
+    try:
+        old = json.loads(path.read_text())
+        if old.get("driver_started") == record["driver_started"]:
+            record["processes"] = old["processes"] + procs
+    except (OSError, ValueError):
+        pass
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)  # whole or not at all: a reaper never reads half a record
+    return path
+
+
+def reap_dead_drivers_ray(folder: Path | None = None, timeout: float = 5.0) -> list[int]:
+    """Stop what is left of the local Ray of every recorded driver that is gone; returns their pids.
+
+    Only records of this host and pid namespace are judged (a home folder can be shared by machines
+    and containers). A process is stopped only if its pid and start time are those recorded: a pid
+    reused since is someone else's. SIGTERM, then SIGKILL after `timeout` seconds; a record is
+    removed once nothing of it runs.
+    """
+    import psutil
+
+    from cluster.local import process_running, stop_and_wait  # psutil's wait for a set of processes, shared with `cluster.local down`
+
+    folder = folder or ray_records_dir()
+    stopped: list[int] = []
+    for path in sorted(folder.glob("ray-*.json")):
+        victims = []
+        try:
+            record = json.loads(path.read_text())
+            if record["host"] != socket.gethostname() or record["pid_ns"] != pid_namespace():
+                continue
+            if _same_process(record["driver_pid"], record["driver_started"]):
+                continue  # its driver runs: its Ray is in use
+            for entry in record["processes"]:
+                if _same_process(entry["pid"], entry["started"]):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        victims.append(psutil.Process(entry["pid"]))
+            victims = [p for p in victims if process_running(p)]  # a zombie has exited already
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not a record of ours (records are written whole): removed below
+        left: list[int] = []
+        if victims:
+            _, _, left = stop_and_wait(lambda: {p.pid: p for p in victims}, timeout=timeout)
+            log.warning("stopped %d Ray process(es) left by a dead driver (%s)%s", len(victims) - len(left),
+                        path.name, f"; still running: {left}" if left else "")
+        stopped += [p.pid for p in victims if p.pid not in left]
+        if not left:
+            with contextlib.suppress(OSError):  # another command's reaper was first, or not ours to remove
+                path.unlink(missing_ok=True)
+    return stopped
 
 
 def check_cluster_paths(cluster: ClusterOptions, tracking_uri: str) -> None:

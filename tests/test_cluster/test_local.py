@@ -1,12 +1,17 @@
 """`python -m cluster.local`: a real Ray head, two real worker nodes and a real `mlflow server` on
-127.0.0.1, a grid across them, and a `down` that leaves none of their processes running."""
+127.0.0.1, a grid across them, and a `down` that leaves none of their processes running; a member
+killed is restarted by `up`, `status` answers in seconds against a hung cluster, the ports survive
+`down` and `up`."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import psutil
 import pytest
@@ -148,3 +153,176 @@ def test_a_lost_worker_node_costs_its_trials_no_epochs(cluster, tmp_path, tiny_f
     for t in trials:
         assert [m.step for m in client.get_metric_history(t.info.run_id, "val_acc")] == list(range(1, epochs + 1))
     assert len(client.search_model_versions("name = 'loss'")) == 1
+
+
+def _group_pids(state) -> set[int]:
+    """Every process now in a group `up` recorded, and the descendants of their leaders."""
+    groups = {p.pid for p in state.processes}
+    found = set()
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) in groups:
+                found.add(proc.pid)
+        except (OSError, psutil.Error):
+            continue
+    for leader in groups:
+        try:
+            found |= {c.pid for c in psutil.Process(leader).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            continue
+    return {pid for pid in found if _alive(pid)}
+
+
+# What the groups of `up` do on SIGTERM: a leader that goes at once and leaves its children (mlflow
+# server's helpers), children that take a while to exit, one that ignores SIGTERM, one in a session
+# of its own (as Ray's workers are, the raylet's children).
+FAKE_GROUP = """
+import signal, subprocess, sys, time
+slow = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1.5), sys.exit(0))); print(1, flush=True); time.sleep(120)"
+deaf = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(120)"
+kids = [subprocess.Popen([sys.executable, "-c", c], stdout=subprocess.PIPE) for c in (slow, slow, deaf)]
+kids.append(subprocess.Popen([sys.executable, "-c", slow], stdout=subprocess.PIPE, start_new_session=True))
+for k in kids:
+    k.stdout.readline()
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+print(" ".join(str(k.pid) for k in kids), flush=True)
+time.sleep(120)
+"""
+
+
+def _state(folder, processes, address="127.0.0.1:1", uri="http://127.0.0.1:1"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "auth_token").write_text("0" * 64)
+    state = local.ClusterState(str(folder), address, uri, str(folder / "tune"), str(folder / "auth_token"), 0, processes)
+    state.write()
+    return state
+
+
+def test_down_returns_once_every_process_of_its_groups_is_gone(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(local, "STOP_TIMEOUT", 3.0)
+    leader = subprocess.Popen([sys.executable, "-c", FAKE_GROUP], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    kids = [int(pid) for pid in leader.stdout.readline().split()]
+    try:
+        # Only the leader is recorded: the rest is found by its group id and as its descendants.
+        started = local.Started("fake", leader.pid, [leader.pid], "", {str(leader.pid): psutil.Process(leader.pid).create_time()})
+        _state(tmp_path / "c", [started])
+        t = time.time()
+        assert run_main(local.main, ["down", "--dir", tmp_path / "c"]) == 0
+        took = time.time() - t
+        assert not [pid for pid in [leader.pid, *kids] if _alive(pid)]
+        out = capsys.readouterr().out
+        assert "down: stopped 5 process(es) of 1 group(s)" in out and "(1 killed after 3 s of SIGTERM)" in out, out
+        assert 3 <= took < 10  # the one that ignores SIGTERM is waited for, then killed
+        assert local.ClusterState.read(tmp_path / "c") is None
+    finally:
+        for pid in [leader.pid, *kids]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        leader.wait()
+
+
+def test_status_answers_in_seconds_against_a_hung_head_and_server(tmp_path, capsys):
+    """A head and a server that accept connections and never answer (a stopped process's socket
+    does that), and a dead member: every probe has its timeout."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    with socket.socket() as head, socket.socket() as server:
+        for s in (head, server):
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+        _state(tmp_path / "c", [local.Started("head", dead, [dead], "", {str(dead): 1.0})],
+               f"127.0.0.1:{head.getsockname()[1]}", f"http://127.0.0.1:{server.getsockname()[1]}")
+        t = time.time()
+        assert run_main(local.main, ["status", "--dir", tmp_path / "c"]) == 1
+        assert time.time() - t < 10
+    out = capsys.readouterr().out
+    assert f"head       pid {dead:<8} DEAD" in out
+    assert "no answer: the head did not answer within 5 s" in out and "unreachable (timed out)" in out, out
+    assert "dead: head. `python -m cluster.local up --dir" in out
+
+
+def test_up_takes_the_ports_of_the_last_up_where_they_are_free(capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        kept = s.getsockname()[1]
+    assert local._choose_port("--mlflow-port", None, kept) == kept
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", kept))
+        s.listen()
+        other = local._choose_port("--mlflow-port", None, kept)
+        assert other != kept and f"mlflow-port: {kept}, the port of the last `up`, is in use" in capsys.readouterr().out
+        with pytest.raises(Exception, match=f"--mlflow-port {kept} is in use"):
+            local._choose_port("--mlflow-port", kept, None)
+
+
+def _health(uri: str) -> int:
+    with urllib.request.urlopen(uri + "/health", timeout=5) as r:
+        return r.status
+
+
+@pytest.mark.slow  # three cluster starts, a restart and three stops (~100 s); the fast tests above cover down, status and ports without Ray
+def test_dead_members_are_restarted_and_the_ports_survive_down_and_up(tmp_path, capsys):
+    folder = tmp_path / "c"
+    assert run_main(local.main, ["up", "--workers", "1", "--dir", folder]) == 0
+    state = local.ClusterState.read(folder)
+    try:
+        server = next(p for p in state.processes if p.role == "mlflow")
+        os.kill(server.pid, signal.SIGKILL)  # the server alone: its helpers stay and hold its port
+        while _alive(server.pid):  # the kernel's kill takes a moment
+            time.sleep(0.1)
+        capsys.readouterr()
+        assert run_main(local.main, ["status", "--dir", folder]) == 1
+        assert "dead: mlflow" in capsys.readouterr().out
+
+        assert run_main(local.main, ["up", "--dir", folder]) == 0
+        assert "dead: mlflow; restarting mlflow" in capsys.readouterr().out
+        again = local.ClusterState.read(folder)
+        assert again.tracking_uri == state.tracking_uri and _health(again.tracking_uri) == 200
+        assert [p.pid for p in again.processes if p.role != "mlflow"] == [p.pid for p in state.processes if p.role != "mlflow"]
+        assert next(p for p in again.processes if p.role == "mlflow").pid != server.pid
+        assert run_main(local.main, ["status", "--dir", folder]) == 0
+        assert "2 live node(s)" in capsys.readouterr().out
+
+        # Half-dead: the head's GCS and the server stopped (SIGSTOP): they accept and never answer.
+        gcs = [pid for pid in _group_pids(again) if psutil.Process(pid).name() == "gcs_server"]
+        uvicorn = [pid for pid in _group_pids(again) if "uvicorn" in " ".join(psutil.Process(pid).cmdline())]
+        assert gcs and uvicorn
+        for pid in gcs + uvicorn:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            t = time.time()
+            assert run_main(local.main, ["status", "--dir", folder]) == 1
+            assert time.time() - t < 10
+            out = capsys.readouterr().out
+            assert "the head did not answer" in out and "unreachable" in out, out
+        finally:
+            for pid in gcs + uvicorn:
+                os.kill(pid, signal.SIGCONT)
+
+        # A dead head: its worker belongs to its GCS, so both start again, on the head's port.
+        head = next(p for p in again.processes if p.role == "head")
+        os.killpg(head.pid, signal.SIGKILL)
+        while _alive(head.pid):
+            time.sleep(0.1)
+        assert run_main(local.main, ["up", "--dir", folder]) == 0
+        assert "dead: head; restarting head, worker-1" in capsys.readouterr().out
+        again = local.ClusterState.read(folder)
+        assert again.ray_address == state.ray_address
+        assert run_main(local.main, ["status", "--dir", folder]) == 0
+        assert "2 live node(s)" in capsys.readouterr().out
+
+        ours = _group_pids(again)
+        assert run_main(local.main, ["down", "--dir", folder]) == 0
+        assert not [pid for pid in ours if _alive(pid)] and not _group_pids(again)  # nothing still exiting
+
+        assert run_main(local.main, ["up", "--workers", "1", "--dir", folder]) == 0
+        third = local.ClusterState.read(folder)
+        assert (third.ray_address, third.tracking_uri) == (state.ray_address, state.tracking_uri)
+        assert _health(third.tracking_uri) == 200
+    finally:
+        if local.ClusterState.read(folder) is not None:
+            final = local.ClusterState.read(folder)
+            assert run_main(local.main, ["down", "--dir", folder]) == 0
+            assert not _group_pids(final)
