@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ def train_trial(config: dict[str, Any], data: FerData, setup: TrialSetup, name_k
     # forwards it to the driver's console: a line per trial and epoch, saying nothing a user acts on.
     # Set here because a trial runs in a Ray worker process, which the driver's logging setup does not reach.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    # A cluster's workers did not get the driver's environment (fer_model.cli.quiet_libraries): no
+    # "View run ... at" line per trial forwarded to the driver's console.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     torch.set_num_threads(max(1, int(setup.cpus_per_trial)))
     # Only a trial Ray gave a GPU share uses one: Ray 2.x leaves CUDA_VISIBLE_DEVICES alone for
     # zero-GPU trials, so torch.cuda.is_available() would put "CPU" trials on GPU 0 unscheduled.
