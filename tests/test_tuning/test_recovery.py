@@ -184,3 +184,15 @@ def test_a_final_run_that_registered_before_its_driver_died_is_adopted_not_retra
     other = create_run(client, experiment_id, "grid", {N.TAG_STAGE: N.STAGE_GRID})
     create_run(client, experiment_id, "final", {N.TAG_STAGE: N.STAGE_FINAL, N.TAG_PARENT: other})
     assert not pipeline._final_done(ctx, other)  # killed before registering: retrained
+
+
+def test_a_warmup_longer_than_the_final_retrain_is_cut_not_refused_after_the_search(capsys):
+    """Before: a strong-space search with --final-epochs 1 ran all its trials, then the final stage refused
+    the best trial's warmup 2 (a ConfigError after hours of search)."""
+    from tuning.stages.final import FinalInputs
+
+    best = {"arch": "cnn", "epochs": 30, "warmup": 2, "schedule": "cosine", "lr": 1e-3}
+    inputs = FinalInputs.of(best, 1, "source", None, None)
+    assert (inputs.config.epochs, inputs.config.warmup, inputs.config.schedule) == (1, 1, "cosine")
+    assert "warm-up of 2 epochs is cut to the final stage's 1" in capsys.readouterr().out
+    assert FinalInputs.of(best, 15, "source", None, None).config.warmup == 2  # untouched where it fits

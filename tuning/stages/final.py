@@ -40,6 +40,17 @@ ENSEMBLE_PARAM = "ensemble"  # the final run's param with --ensemble: K or auto,
 MEMBER_CONFIG = "config"  # the final run's param member<k>_config: JSON of ensemble member k's configuration
 
 
+def retrain_config(config: dict[str, Any], epochs: int) -> TrainConfig:
+    """A trial's configuration retrained for the final stage's `epochs`. A warm-up longer than that (a
+    search's ``warmup 2`` retrained with ``--final-epochs 1``) is cut to `epochs`, said in one line:
+    the search's hours are not thrown away over a final-stage detail."""
+    warmup = int(config.get("warmup", 0) or 0)
+    if warmup > epochs:
+        print(f"final: the configuration's warm-up of {warmup} epochs is cut to the final stage's {epochs}")
+        config = {**config, "warmup": epochs}
+    return TrainConfig.from_dict({**config, "epochs": epochs})
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A trial an ensemble may add after the best one: its configuration (with the final stage's
@@ -66,10 +77,9 @@ class FinalInputs:
     def of(cls, best_config: dict[str, Any], epochs: int, source_run_id: str, best_trial_run_id: str | None,
            device: str | None, tta: str = "none", ensemble: str | None = None,
            candidates: Sequence[TrialRow] = ()) -> "FinalInputs":
-        return cls(TrainConfig.from_dict({**best_config, "epochs": epochs}), source_run_id, best_trial_run_id, device,
+        return cls(retrain_config(best_config, epochs), source_run_id, best_trial_run_id, device,
                    check_tta(tta), ensemble,
-                   tuple(Candidate(TrainConfig.from_dict({**r.config, "epochs": epochs}), r.run_id, r.val_acc)
-                         for r in candidates))
+                   tuple(Candidate(retrain_config(r.config, epochs), r.run_id, r.val_acc) for r in candidates))
 
     def params(self) -> dict[str, Any]:
         """The final run's params: the configuration it retrains (member 1's, with an ensemble), its
