@@ -278,6 +278,7 @@ class TrialRow:
     run_id: str | None = None
     run_name: str = ""
     node: str = ""  # the Ray node it finished on: "<node id, 8 chars> <ip>"
+    error: str = ""  # a failed trial's error, its last line (tag `error`)
 
     @property
     def val_acc(self) -> float:
@@ -333,7 +334,8 @@ def summarize(results, setup: TrialSetup, expected: int | None = None) -> list[T
             continue
         rows.append(TrialRow(trial_id, dict(result.config or {}), outcome, _history(result),
                              run.info.run_id if run else None, run.info.run_name if run else "",
-                             f"{run.data.tags.get(TAG_NODE_ID, '')[:8]} {run.data.tags.get(TAG_NODE_IP, '')}".strip() if run else ""))
+                             f"{run.data.tags.get(TAG_NODE_ID, '')[:8]} {run.data.tags.get(TAG_NODE_IP, '')}".strip() if run else "",
+                             (run.data.tags.get(N.TAG_ERROR, "") if run else "") or (first_line(result.error) if result.error else "")))
     if unsettled:
         why = next((stage.unsettled[t] for t in unsettled if t in stage.unsettled), "its outcome was not written")
         raise StoreUnavailable(f"the MLflow store {setup.tracking_uri} did not record the outcome of {len(unsettled)} "
@@ -374,7 +376,9 @@ def ties_at_top(rows: list[TrialRow]) -> list[TrialRow]:
 
     pool = ranked(rows)
     if not pool:
-        raise UserError("no trial produced a validation accuracy; see the errors above")
+        failed = next((r for r in rows if r.error), None)  # e.g. every trial's checkpoint hit a full disk
+        why = f" (trial {failed.run_name or failed.trial_id}: {failed.error})" if failed else ""
+        raise UserError(f"no trial produced a validation accuracy{why}; see the errors above")
     return [r for r in pool if r.val_acc == pool[0].val_acc]
 
 

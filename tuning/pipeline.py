@@ -176,6 +176,7 @@ def final(ctx: StageContext, options: FinalOptions, source_run_id: str, best_con
                 set_tags(ctx.client, run_id, {N.TAG_OUTCOME: N.OUTCOME_ERROR})
             except Exception:  # noqa: BLE001 - the store may be what failed
                 pass
+            drop_partial_model(ctx, run_id)
             raise
         log_metrics(ctx.client, run_id, phases.DRIVER.take())
     print(describe_final(result, version, full_data=ctx.data_config.max_samples is None))
@@ -185,6 +186,20 @@ def final(ctx: StageContext, options: FinalOptions, source_run_id: str, best_con
         req = registry.PromotionRequest(ctx.tracking.model_name, version.version)
         print(f"promotion: {registry.promote(ctx.client, req).describe(req)}")
     return result, version
+
+
+def drop_partial_model(ctx: StageContext, run_id: str) -> None:
+    """Remove what a failed registration uploaded of the run's model (a local artifact store only: a
+    server's or a bucket's artifacts are left to `mlflow gc`), so no half model is left to load."""
+    from urllib.parse import urlparse
+
+    try:
+        uri = ctx.client.get_run(run_id).info.artifact_uri
+    except Exception:  # noqa: BLE001 - the store may be what failed
+        return
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        shutil.rmtree(Path(parsed.path) / register_step.MODEL_ARTIFACT, ignore_errors=True)
 
 
 def ensemble_members(ctx: StageContext, options: FinalOptions, source_run_id: str, best_config: dict[str, Any],

@@ -17,10 +17,10 @@ from ray.tune import CLIReporter
 
 from fer_model import metrics as M
 from fer_model.cli import drop_log_messages, sigterm_as_ctrl_c
-from fer_model.errors import UserError, first_line
+from fer_model.errors import UserError, first_line, storage_error
 from tuning.flags import ClusterOptions
 from tuning import phases
-from tuning.outcomes import BudgetStopper, TrialOutcomes, TrialRow, bind, summarize
+from tuning.outcomes import BudgetStopper, StoreUnavailable, TrialOutcomes, TrialRow, bind, summarize
 from tuning.tracking import pid_namespace, process_start_time
 from tuning.trainable import EPOCH, TrialSetup, train_trial
 
@@ -242,6 +242,23 @@ def legacy_tune_output() -> Iterator[None]:
             os.environ["RAY_AIR_NEW_OUTPUT"] = was
 
 
+FULL_BELOW_BYTES = 16 * 2**20  # less free than this under Tune's storage: one checkpoint does not fit
+
+
+def full_storage(storage: str) -> str | None:
+    """``"<path>: N bytes free (No space left on device)"`` when the local folder `storage` (or the
+    nearest folder above it that exists) has under `FULL_BELOW_BYTES` free; None otherwise or for a URI."""
+    import shutil
+
+    if "://" in storage:
+        return None
+    path = Path(storage).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    return f"{storage}: {free:,} bytes free (No space left on device)" if free < FULL_BELOW_BYTES else None
+
+
 def grid_size(param_space: dict[str, Any] | None, num_samples: int) -> int | None:
     """How many trials Tune makes of `param_space`: the product of its grid axes, times `num_samples`."""
     if param_space is None:
@@ -301,6 +318,12 @@ def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, para
           f"{f' ({total} trials)' if total else ''}: a line as each trial ends"
           + ("" if tune_verbose() else f"; Ray's own progress tables with --verbose"), flush=True)
     with legacy_tune_output(), phases.DRIVER.time(phases.TRIALS):
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        except Exception as exc:  # Tune reads its own files back at the end: a full disk left them cut short
+            refused = storage_error(exc) or full_storage(cluster.storage)
+            if refused is None:
+                raise
+            raise StoreUnavailable(f"Tune's storage refused a write ({refused}); the trials' state is saved") from None
     with phases.DRIVER.time(phases.CONCLUDE):
         return summarize(results, setup, expected=num_samples if search_alg is not None else None)

@@ -196,3 +196,68 @@ def test_a_warmup_longer_than_the_final_retrain_is_cut_not_refused_after_the_sea
     assert (inputs.config.epochs, inputs.config.warmup, inputs.config.schedule) == (1, 1, "cosine")
     assert "warm-up of 2 epochs is cut to the final stage's 1" in capsys.readouterr().out
     assert FinalInputs.of(best, 15, "source", None, None).config.warmup == 2  # untouched where it fits
+
+
+@pytest.fixture
+def full_disk(workdir):
+    """A 2 MB tmpfs: room for Tune's small files, none for a checkpoint (root only; skipped elsewhere)."""
+    yield from _tmpfs(workdir / "full")
+
+
+@pytest.fixture
+def full_artifacts(workdir):
+    """The sqlite store's artifact folder (mlartifacts/ beside mlflow.db) on a 2 MB tmpfs: room for the
+    stage's plots and tables, none for a model (~10 MB)."""
+    yield from _tmpfs(workdir / "mlartifacts")
+
+
+def _tmpfs(path: Path):
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_storage_disk_is_one_line_and_exit_2(ray_session, workdir, tiny_folder, full_disk, capsys):
+    """`--storage` on a full disk: each checkpoint write fails (ENOSPC), so the trial fails twice. Before:
+    the driver crashed on Trial.error_msg (exit 1, hundreds of traceback lines). Now the stage ends, and
+    the command says in one line, exit 2, what storage refused."""
+    argv = ["--data", tiny_folder, "--max-samples", SAMPLES, "--dropouts", "0.3", "--lrs", "1e-3", "--epochs", 2,
+            "--no-final", "--storage", full_disk, "--address", ray_session]
+    assert run_main(grid.main, argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "No space left on device" in last, last
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    (trial,) = _trials(client)
+    assert trial.info.status == "FAILED" and trial.data.tags[N.TAG_OUTCOME] == N.OUTCOME_ERROR
+    assert "No space left on device" in trial.data.tags[N.TAG_ERROR]
+    assert not _runs(client, "attributes.status = 'RUNNING'")
+
+
+def test_a_full_artifact_store_at_registration_is_one_line_and_resume_registers_once(
+        ray_session, workdir, tiny_folder, full_artifacts, capsys):
+    """Before: a traceback (exit 1) and a FAILED final run tagged completed, its partial model/ folder kept.
+    Now: one line, exit 2; the final run FAILED with outcome error and no model folder left; once there is
+    room, --resume runs the final stage again and registers exactly one version."""
+    argv = ["--data", tiny_folder, "--max-samples", SAMPLES, "--dropouts", "0.3", "--lrs", "1e-3", "--epochs", 1,
+            "--final-epochs", 1, "--address", ray_session]
+    assert run_main(grid.main, argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "No space left on device" in last and "continue with: python -m tuning.grid" in last and "--resume" in last
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    (failed,) = _runs(client, f"tags.`{N.TAG_STAGE}` = '{N.STAGE_FINAL}'")
+    assert failed.info.status == "FAILED" and failed.data.tags[N.TAG_OUTCOME] == N.OUTCOME_ERROR
+    assert not list(full_artifacts.glob(f"*/{failed.info.run_id}/artifacts/model"))  # the partial model is gone
+    assert not client.search_model_versions(f"name = '{N.DEFAULT_MODEL_NAME}'")
+
+    subprocess.run(["umount", "-l", str(full_artifacts)], check=True)  # room again
+    assert run_main(grid.main, [*argv, "--resume"]) == 0
+    finals = _runs(client, f"tags.`{N.TAG_STAGE}` = '{N.STAGE_FINAL}'")
+    assert sorted(r.info.status for r in finals) == ["FAILED", "FINISHED"]
+    (version,) = client.search_model_versions(f"name = '{N.DEFAULT_MODEL_NAME}'")
+    assert version.run_id == next(r.info.run_id for r in finals if r.info.status == "FINISHED")
+    assert not _runs(client, "attributes.status = 'RUNNING'")
