@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 from fer_model.errors import UserError, storage_error
@@ -119,17 +120,36 @@ def quiet_libraries() -> None:
                             category=UserWarning)
 
 
+# Set when SIGTERM asked this process to stop: code that retries (tracking writes) gives up at once,
+# so the stop takes seconds whatever the process waits on. `on_stop` adds what else must happen then.
+STOPPING = threading.Event()
+_ON_STOP: list[tuple[Callable[[], None], Callable[[], None]]] = []
+
+
+def on_stop(apply: Callable[[], None], undo: Callable[[], None]) -> None:
+    """Run `apply` (in the signal handler) when SIGTERM stops this process; `undo` when the command it
+    stopped has returned (`run_cli`), so a process that runs commands in turn (the tests) starts afresh."""
+    if all(apply is not a for a, _ in _ON_STOP):
+        _ON_STOP.append((apply, undo))
+
+
 def sigterm_as_ctrl_c() -> None:
     """SIGTERM (`kill`, a scheduler's stop, `timeout`) is handled as Ctrl-C: Ray Tune saves its state,
     runs are marked KILLED and the message says what resumes them, instead of a silent death that
     leaves runs RUNNING until the next command settles them. ray.init replaces it (with a sys.exit
-    that aborts the process mid-Tune): `tuning.runner` sets it again after ray.init."""
+    that aborts the process mid-Tune): `tuning.runner` sets it again after ray.init. It also sets
+    `STOPPING` and runs the `on_stop` hooks first."""
     import os
     import signal
-    import threading
+
+    def handler(signum, frame) -> None:
+        STOPPING.set()
+        for apply, _ in _ON_STOP:
+            apply()
+        os.kill(os.getpid(), signal.SIGINT)
 
     if threading.current_thread() is threading.main_thread():  # signal handlers: main thread only
-        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+        signal.signal(signal.SIGTERM, handler)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
@@ -137,6 +157,16 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     sigterm_as_ctrl_c()
+    try:
+        return _run(main, argv)
+    finally:
+        if STOPPING.is_set():
+            STOPPING.clear()
+            for _, undo in _ON_STOP:
+                undo()
+
+
+def _run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None) -> int:
     try:
         return int(main(argv) or 0)
     except UserError as exc:

@@ -24,6 +24,7 @@ from ray.tune import Callback
 from ray.tune.stopper import TimeoutStopper
 
 from fer_model import metrics as M
+from fer_model.cli import STOPPING
 from fer_model.errors import UserError, first_line
 from tuning import names as N
 from tuning.tracking import client_for, find_trial_run, log_metrics, set_tags, trial_runs
@@ -88,7 +89,7 @@ def error_line(trial) -> str:
     return lines[-1][:500] if lines else "no error recorded"
 
 
-SETTLE_RETRY_S = 20.0  # retry a failed outcome write this long (an HTTP server's own retries take minutes)
+SETTLE_RETRY_S = 60.0  # retry a failed outcome write this long: through a server's restart (cluster.local up)
 
 
 class TrialOutcomes(Callback):
@@ -204,13 +205,15 @@ class TrialOutcomes(Callback):
 
     def _settle(self, trial, outcome: str, tags: Mapping[str, str] | None = None) -> bool:
         """Write `outcome` (and the summary metrics) on the trial's run and close it; a failed write is
-        retried for `SETTLE_RETRY_S`, then remembered for `summarize`. True once written."""
+        retried for `SETTLE_RETRY_S` (once only if it failed so in this command already), then
+        remembered for `summarize`. True once written."""
         stage = _stage(self.parent_run_id)
         result = trial.last_result or {}
         summary = {M.EPOCHS_COMPLETED: int(result.get(EPOCH, 0))}
         if M.VAL_ACC in result:
             summary[M.FINAL_VAL_ACC] = result[M.VAL_ACC]
-        deadline, wait = time.monotonic() + SETTLE_RETRY_S, 1.0
+        retry_s = 0.0 if trial.trial_id in stage.unsettled else SETTLE_RETRY_S
+        deadline, wait = time.monotonic() + retry_s, 1.0
         while True:
             try:
                 client = client_for(self.stage.tracking_uri)
@@ -226,7 +229,7 @@ class TrialOutcomes(Callback):
                 stage.unsettled.pop(trial.trial_id, None)
                 return True
             except Exception as exc:  # noqa: BLE001 - a tracking outage must not end the experiment
-                if time.monotonic() + wait > deadline:
+                if time.monotonic() + wait > deadline or STOPPING.is_set():  # SIGTERM: stop in seconds
                     stage.unsettled[trial.trial_id] = first_line(exc)
                     log.warning("MLflow %s: outcome of trial %s not recorded: %s", self.stage.tracking_uri,
                                 trial.trial_id, first_line(exc))

@@ -36,8 +36,8 @@ from tuning.stages import register as register_step
 from tuning.stages import search as search_stage
 from tuning.stages.final import FinalInputs, FinalResult
 from tuning.stages.grid import GridInputs
-from tuning.tracking import (client_for, create_run, ensure_experiment, latest_stage_run, log_metrics, read_best_config,
-                             set_tags, tracked_run)
+from tuning.tracking import (bound_driver_retries, client_for, create_run, ensure_experiment, latest_stage_run, log_metrics,
+                             read_best_config, set_tags, tracked_run, unreachable)
 
 
 @contextmanager
@@ -56,6 +56,7 @@ def session(opts: CommonOptions, with_ray: bool = True, experiment_id: str | Non
     else:
         ray = nullcontext()
     with ray:
+        bound_driver_retries()  # now: a local Ray's workers, started above, keep MLflow's longer retries
         yield StageContext(client, experiment_id, opts.tracking, opts.cluster, opts.data, data)
 
 
@@ -382,11 +383,14 @@ def _command(opts: CommonOptions, body: Callable[[StageContext], StageResult], r
     except StoreUnavailable as exc:  # exit 2: the user's store to fix, then the same command goes on
         raise StoreUnavailable(f"{exc}; once the store takes writes again, continue with: {resume_command}") from None
     except Exception as exc:  # a full disk under the store, the artifacts or Tune's folder: the same
-        refused = storage_error(exc)
-        if refused is None:
-            raise
-        raise StoreUnavailable(f"storage refused a write ({refused}); once there is room, continue with: "
-                               f"{resume_command}") from None
+        refused, silent = storage_error(exc), unreachable(exc)
+        if refused is not None:
+            raise StoreUnavailable(f"storage refused a write ({refused}); once there is room, continue with: "
+                                   f"{resume_command}") from None
+        if silent is not None:
+            raise StoreUnavailable(f"the MLflow server {opts.tracking.uri} stopped answering ({silent}); once it "
+                                   f"is back, continue with: {resume_command}") from None
+        raise
     print(f"wall time {time.perf_counter() - t0:.0f} s; {result.stage} run {result.parent_run_id}")
     print(f"inspect: {report.mlflow_ui_command(opts.tracking.uri)}{inspect}")
     server = opts.tracking.uri if opts.tracking.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"

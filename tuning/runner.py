@@ -6,7 +6,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -317,6 +319,9 @@ def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, para
     print(f"{'continuing' if restore_path else 'running'} Tune experiment {name}"
           f"{f' ({total} trials)' if total else ''}: a line as each trial ends"
           + ("" if tune_verbose() else f"; Ray's own progress tables with --verbose"), flush=True)
+    # Tune's SIGINT handler stays installed after fit() unless a signal came: a Ctrl-C (or SIGTERM) in the
+    # final stage would then only print Tune's "Stop signal received" and be ignored.
+    sigint = signal.getsignal(signal.SIGINT)
     with legacy_tune_output(), phases.DRIVER.time(phases.TRIALS):
         try:
             results = tuner.fit()
@@ -325,5 +330,8 @@ def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, para
             if refused is None:
                 raise
             raise StoreUnavailable(f"Tune's storage refused a write ({refused}); the trials' state is saved") from None
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, sigint)
     with phases.DRIVER.time(phases.CONCLUDE):
         return summarize(results, setup, expected=num_samples if search_alg is not None else None)

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from fer_model.cli import on_stop
 from fer_model.errors import UserError, first_line
 from tuning import names as N
 from tuning.flags import TrackingError, sqlite_path
@@ -292,6 +293,51 @@ class _Heartbeat(threading.Thread):
                 self.client.set_tag(self.run_id, N.TAG_HEARTBEAT, f"{time.time():.0f}")
             except Exception as exc:  # noqa: BLE001 - a server blip must not end the stage
                 log.debug("heartbeat of %s not written: %s", self.run_id, exc)
+
+
+# MLflow's HTTP client retries a dead server itself, ~4 minutes a call (7 retries, backoff doubling from
+# 2 s), in which the driver says nothing and a stop waits. The driver's own calls retry for ~30 s
+# (2 + 4 + 8 + 16 s; 20 s a request), through a server's restart (`cluster.local up`: ~10-20 s here),
+# then fail in one line; a trial's epoch writes keep retrying in their queue. Trials keep MLflow's
+# defaults: their Ray workers were started before the driver sets these. After SIGTERM, one try.
+DRIVER_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+STOPPING_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}  # after SIGTERM: one try
+
+
+def bound_driver_retries() -> None:
+    """This process's MLflow calls give up on a dead server in seconds (`DRIVER_HTTP`), unless set already;
+    after SIGTERM (`fer_model.cli.on_stop`) they try once."""
+    for key, value in DRIVER_HTTP.items():
+        os.environ.setdefault(key, value)
+    on_stop(_fail_fast, _retry_again)
+
+
+_BEFORE_STOP: dict[str, str | None] = {}
+
+
+def _fail_fast() -> None:
+    for key, value in STOPPING_HTTP.items():
+        _BEFORE_STOP.setdefault(key, os.environ.get(key))
+        os.environ[key] = value
+
+
+def _retry_again() -> None:
+    for key, value in _BEFORE_STOP.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _BEFORE_STOP.clear()
+
+
+def unreachable(exc: BaseException) -> str | None:
+    """One line when `exc` is MLflow's client giving up on a server that does not answer (refused, reset,
+    timed out); None for any other error."""
+    text = str(exc)
+    if "API request to" in text and ("failed with exception" in text or "timeout exception" in text):
+        return first_line(exc)[:300]
+    return None
 
 
 @contextmanager

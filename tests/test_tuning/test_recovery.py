@@ -261,3 +261,50 @@ def test_a_full_artifact_store_at_registration_is_one_line_and_resume_registers_
     (version,) = client.search_model_versions(f"name = '{N.DEFAULT_MODEL_NAME}'")
     assert version.run_id == next(r.info.run_id for r in finals if r.info.status == "FINISHED")
     assert not _runs(client, "attributes.status = 'RUNNING'")
+
+
+def _kill_the_server_in_the_final_stage(workdir: Path, data: Path, address: str, server) -> subprocess.Popen:
+    """A grid driver against `server`, whose process group is SIGKILLed (as by `cluster.local down` or an
+    OOM kill) once the final stage (60 epochs) has its run."""
+    argv = ["--data", data, "--dropouts", "0.3", "--lrs", "1e-3", "--epochs", 1, "--final-epochs", 60,
+            "--tracking-uri", server.url, "--address", address]
+    proc = _start(workdir, argv)
+    client = MlflowClient(server.url)
+    _wait(proc, lambda: bool(_runs(client, f"tags.`{N.TAG_STAGE}` = '{N.STAGE_FINAL}'")))
+    server.send(signal.SIGKILL)
+    return proc
+
+
+def test_sigterm_while_the_server_is_dead_in_the_final_stage_ends_in_seconds(ray_session, workdir, tiny_folder,
+                                                                              mlflow_server_process):
+    """The cluster's server killed during the final stage. Before: the driver retried each write for minutes,
+    silent, ignored SIGTERM for 30 s (Tune's SIGINT handler was still installed after the trials), and
+    printed Tune's "Stop signal received". Now SIGTERM ends it within 15 s: exit 130, the resume command."""
+    server = mlflow_server_process
+    proc = _kill_the_server_in_the_final_stage(workdir, tiny_folder, ray_session, server)
+    time.sleep(3)  # the final stage meets it: its writes now fail and retry
+    assert proc.poll() is None, "the final stage ended before the fault"
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    seconds = time.time() - t0
+    assert proc.returncode == 130 and seconds < 15, (proc.returncode, seconds, err[-3000:])
+    last = err.strip().splitlines()[-1]
+    assert "continue with: python -m tuning.grid" in last and "--resume" in last, last
+    assert "Stop signal received" not in out + err and "Traceback" not in err, err[-3000:]
+
+
+def test_the_server_dead_in_the_final_stage_is_one_line_and_exit_2(ray_session, workdir, tiny_folder,
+                                                                   mlflow_server_process):
+    """Unattended, the same fault: the driver gives up on the dead server in seconds, not minutes, and
+    says so in one line with the command that continues once the server is back."""
+    server = mlflow_server_process
+    proc = _kill_the_server_in_the_final_stage(workdir, tiny_folder, ray_session, server)
+    t0 = time.time()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, (proc.returncode, err[-3000:])
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: the MLflow server {server.url} stopped answering"), last
+    assert "once it is back, continue with: python -m tuning.grid" in last and "--resume" in last
+    assert "Traceback" not in err, err[-3000:]
+    print(f"gave up {time.time() - t0:.0f} s after the server died")
