@@ -42,15 +42,20 @@ TRIAL_ROWS = [(P.TRIAL_OPEN, "open the trial's MLflow run"), (P.TRIAL_FIT, "trai
               (P.TRIAL_CHECKPOINT, "per-epoch checkpoint + tune.report"), (P.TRIAL_MLFLOW_WAIT, "wait for queued MLflow writes")]
 
 
-def run_command(grid_args: list[str], tmp: Path, warm_cache: bool) -> tuple[float, str, str]:
-    """Run tuning.grid in its own process; its wall time, tracking URI and console output."""
+def run_command(grid_args: list[str], tmp: Path, warm_cache: bool, timeout: float | None = None) -> tuple[float, str, str]:
+    """Run tuning.grid in its own process; its wall time, tracking URI and console output. Exits
+    (one line, then the output) when it fails or runs past `timeout` seconds."""
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "tuning.grid", *grid_args, "--tracking-uri", uri, "--storage", str(tmp / "ray")]
     if not warm_cache and "--cache-dir" not in grid_args:
         cmd += ["--cache-dir", str(tmp / "cache")]
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # its process group's Ray is reaped by the next command (tuning.runner)
+        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        sys.exit(f"tuning.grid did not finish within {timeout:.0f} s:\n{out[-3000:]}")
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"tuning.grid failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -62,21 +67,33 @@ def read_phases(uri: str) -> dict[str, object]:
     from mlflow.tracking import MlflowClient
 
     from tuning import names as N
+    from tuning.trainable import TAG_GPU_SHARE
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(N.DEFAULT_EXPERIMENT)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     driver: dict[str, float] = {}
     trials: list[dict[str, float]] = []
+    share = 0.0  # the GPU share Ray gave the trials (tag gpu_share; 0: none)
     for run in runs:
         got = {k[len(P.PREFIX):-2]: v for k, v in run.data.metrics.items() if k.startswith(P.PREFIX)}
         if run.data.tags.get(N.TAG_STAGE) == N.STAGE_TRIAL:
             trials.append(got)
+            share = max(share, float(run.data.tags.get(TAG_GPU_SHARE) or 0))
         else:
             for k, v in got.items():
                 driver[k] = driver.get(k, 0.0) + v
     grid = next(r for r in runs if r.data.tags.get(N.TAG_STAGE) == N.STAGE_GRID)
-    return {"driver": driver, "trials": trials, "ray_cpus": float(grid.data.params.get("ray_cpus", os.cpu_count()))}
+    return {"driver": driver, "trials": trials, "ray_cpus": float(grid.data.params.get("ray_cpus", os.cpu_count())),
+            "ray_gpus": float(grid.data.params.get("ray_gpus", 0)), "gpu_share": share}
+
+
+def trials_at_once(found: dict[str, object], trials: int, cpus_per_trial: float, max_concurrent: int | None) -> int:
+    """How many of the grid's trials Ray could run at once: its CPUs, its GPUs at the trials' share, --max-concurrent."""
+    fits = [trials, int(found["ray_cpus"] // cpus_per_trial), max_concurrent or trials]
+    if found["gpu_share"]:
+        fits.append(int(found["ray_gpus"] / found["gpu_share"] + 1e-6))
+    return max(1, min(fits))
 
 
 def parse_grid_args(grid_args: list[str]) -> argparse.Namespace:
@@ -137,10 +154,10 @@ def main() -> None:
         wall, uri, out = run_command(grid_args, Path(tmp), args.warm_cache)
         found = read_phases(uri)
     driver, trials = found["driver"], found["trials"]
-    concurrency = max(1, min(len(trials), int(found["ray_cpus"] // cpus_per_trial),
-                             parsed.max_concurrent or len(trials)))
+    concurrency = trials_at_once(found, len(trials), cpus_per_trial, parsed.max_concurrent)
     print(out.rstrip())  # the command's own console: its plan, a line per trial, the grid, the final stage
-    print(f"\ncommand wall time {wall:.1f} s; {len(trials)} trials, {concurrency} at once, {cpus_per_trial:g} CPU each")
+    gpu = f", {found['gpu_share']:g} GPU" if found["gpu_share"] else ""
+    print(f"\ncommand wall time {wall:.1f} s; {len(trials)} trials, {concurrency} at once, {cpus_per_trial:g} CPU{gpu} each")
     rows = [(label, driver.get(key, 0.0)) for key, label in DRIVER_ROWS]
     rows.append(("Python start, imports, MLflow setup, closing lines (rest)", wall - sum(v for _, v in rows)))
     print(f"{'phase':<58} {'s':>8} {'share':>6}")

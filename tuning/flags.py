@@ -157,9 +157,13 @@ class ClusterOptions:
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("resources and cluster")
-    g.add_argument("--gpus-per-trial", type=float, help="GPU share per trial (default 0.25 where GPUs exist, else 0)")
+    g.add_argument("--gpus-per-trial", type=float,
+                   help="GPU share per trial, within 0..1 (0: no GPU; default where the cluster has GPUs: as many trials "
+                        "per GPU as fit in its memory, a power of two up to 4, so 0.25 on any GPU of 9 GiB or more; else 0)")
     g.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
-    g.add_argument("--max-concurrent", type=int, help="at most this many trials at once (default: as resources allow)")
+    g.add_argument("--max-concurrent", type=int,
+                   help="at most this many trials at once (default: as resources allow: with GPU shares, "
+                        "GPUs / --gpus-per-trial, e.g. 4 per GPU at 0.25)")
     g.add_argument("--address", help="join this Ray cluster (default $RAY_ADDRESS, else a local Ray)")
     g.add_argument("--storage", help="where Tune keeps trial results and checkpoints (default $FER_TUNE_STORAGE, else ./ray_results; "
                                      "a shared path or URI on a cluster)")
@@ -213,8 +217,9 @@ def check_ray_address(address: str, source: str = "--address", timeout: float = 
 
 
 def cluster_options(args: argparse.Namespace) -> ClusterOptions:
-    if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
-        raise ConfigError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+    from tuning.gpu_shares import check_share
+
+    check_share(args.gpus_per_trial)
     cpus = _or(args.cpus_per_trial, 1.0)
     if cpus <= 0:
         raise ConfigError(f"--cpus-per-trial must be > 0, got {cpus}")

@@ -22,12 +22,12 @@ from fer_model.cli import drop_log_messages, sigterm_as_ctrl_c
 from fer_model.errors import UserError, first_line, storage_error
 from tuning.flags import ClusterOptions
 from tuning import phases
+from tuning.gpu_shares import default_share, probe_gpu_memory_mb
 from tuning.outcomes import BudgetStopper, StoreUnavailable, TrialOutcomes, TrialRow, bind, summarize
 from tuning.tracking import pid_namespace, process_start_time
 from tuning.trainable import EPOCH, TrialSetup, train_trial
 
 log = logging.getLogger(__name__)
-DEFAULT_GPU_SHARE = 0.25  # four trials per GPU: the study's CNN at batch 32 leaves a GPU mostly idle
 # "1": Ray Tune's own progress tables on the console besides our one line per trial (--verbose sets it).
 VERBOSE_ENV = "FER_TUNE_VERBOSE"
 
@@ -183,12 +183,22 @@ def check_cluster_paths(cluster: ClusterOptions, tracking_uri: str) -> None:
                         "pass a shared path (NFS) with --storage-shared, or a URI such as s3://bucket/path")
 
 
+def check_gpu_request(cluster: ClusterOptions) -> None:
+    """--gpus-per-trial > 0 on a cluster without a GPU: refused (Tune would wait for one forever)."""
+    if cluster.gpus_per_trial and not ray.cluster_resources().get("GPU", 0):
+        where = f"the Ray cluster at {cluster.address}" if cluster.address else "this machine's Ray"
+        raise UserError(f"--gpus-per-trial {cluster.gpus_per_trial:g} but {where} has no GPU: drop the flag "
+                        "(trials train on CPUs), or use a cluster with GPUs")
+
+
 @contextmanager
 def ray_session(cluster: ClusterOptions, tracking_uri: str) -> Iterator[None]:
     """Ray for the length of a run: joined or started, and shut down only if started here."""
     started = init_ray(cluster)
     try:
         check_cluster_paths(cluster, tracking_uri)
+        check_gpu_request(cluster)
+        gpu_share(cluster)  # a default share is chosen (and said) now, before any stage run
         yield
     finally:
         if started:
@@ -202,11 +212,25 @@ def cluster_params() -> dict[str, Any]:
     return {"ray_nodes": len(nodes), "ray_cpus": total.get("CPU", 0), "ray_gpus": total.get("GPU", 0)}
 
 
+# The default share chosen for each Ray cluster this process joined (by its GCS address): the
+# probe of the GPU's memory runs once, and the plan line and the trials see the same share.
+_DEFAULT_SHARES: dict[str, float] = {}
+
+
 def gpu_share(cluster: ClusterOptions) -> float:
-    """--gpus-per-trial, else a fraction of a GPU where the cluster has GPUs, else 0."""
+    """--gpus-per-trial, else the share chosen from a GPU's memory where the cluster has GPUs
+    (`tuning.gpu_shares.default_share`, said once on the console), else 0."""
     if cluster.gpus_per_trial is not None:
         return cluster.gpus_per_trial
-    return DEFAULT_GPU_SHARE if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if not gpus:
+        return 0.0
+    key = f"{ray.get_runtime_context().gcs_address} {gpus:g}"
+    if key not in _DEFAULT_SHARES:
+        share, why = default_share(gpus, probe_gpu_memory_mb())
+        print(f"GPU share per trial: {share:g} ({why}; --gpus-per-trial sets it)", flush=True)
+        _DEFAULT_SHARES[key] = share
+    return _DEFAULT_SHARES[key]
 
 
 def tune_verbose() -> bool:

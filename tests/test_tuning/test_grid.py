@@ -141,7 +141,7 @@ def test_grid_against_a_real_mlflow_server(ray_session, workdir, tiny_folder, ml
     (["--data", "/no/such/folder"], "does not exist"),
     (["--tracking-uri", "http://127.0.0.1:9"], "is unreachable"),
     (["--max-samples", "3"], "max_samples must be at least"),
-    (["--gpus-per-trial", "-1"], "--gpus-per-trial must be >= 0"),
+    (["--gpus-per-trial", "-1"], "--gpus-per-trial must be within 0..1"),
     (["--device", "tpu"], "--device 'tpu'"),
     (["--tracking-uri", "mlruns"], "cannot be used"),
     (["--data-seed", "-1"], "data seed must be >= 0"),
