@@ -106,6 +106,9 @@ def quiet_libraries() -> None:
     # stage prints the study's name and storage itself).
     for name in ("matplotlib", "PIL", "urllib3", "alembic", "git", "mlflow.store.db.utils", "optuna.storages"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # urllib3's "Retrying (Retry(total=3 ...)) after connection broken" for each retry of each MLflow call
+    # against a server that is down: the commands say in one line of their own when a server is gone.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     # Saving the registered model (tuning.pyfunc): MLflow's advice to log models from code instead of
     # a Python object is about a design choice made once here (the model's code travels with it as
     # code_paths), not something the user can act on; the input-example check is routine.

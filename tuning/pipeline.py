@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -41,8 +42,10 @@ from tuning.tracking import (bound_driver_retries, client_for, create_run, ensur
 
 
 @contextmanager
-def session(opts: CommonOptions, with_ray: bool = True, experiment_id: str | None = None) -> Iterator[StageContext]:
-    """The data (loaded once), the experiment (`opts`', or the given id), and Ray (joined or started)."""
+def session(opts: CommonOptions, with_ray: bool = True, experiment_id: str | None = None,
+            continue_with: str = "") -> Iterator[StageContext]:
+    """The data (loaded once), the experiment (`opts`', or the given id), and Ray (joined or started;
+    a joined cluster's head is watched: `tuning.head_watch`, whose line names `continue_with`)."""
     with phases.DRIVER.time(phases.DATA_LOAD):
         data = fdata.load(opts.data)
     print(f"data: {fdata.describe(data)}")
@@ -57,7 +60,17 @@ def session(opts: CommonOptions, with_ray: bool = True, experiment_id: str | Non
         ray = nullcontext()
     with ray:
         bound_driver_retries()  # now: a local Ray's workers, started above, keep MLflow's longer retries
-        yield StageContext(client, experiment_id, opts.tracking, opts.cluster, opts.data, data)
+        stop = threading.Event()
+        if with_ray and opts.cluster.address and continue_with:
+            import ray as ray_api
+
+            from tuning.head_watch import watch_head
+
+            watch_head(ray_api.get_runtime_context().gcs_address, continue_with, stop)
+        try:
+            yield StageContext(client, experiment_id, opts.tracking, opts.cluster, opts.data, data)
+        finally:
+            stop.set()
 
 
 # --------------------------------------------------------------------------- one stage each, its run owned here
@@ -375,7 +388,7 @@ def _command(opts: CommonOptions, body: Callable[[StageContext], StageResult], r
     """A tuning command: the session, its stages, the closing lines; Ctrl-C says what continues it."""
     t0 = time.perf_counter()
     try:
-        with session(opts) as ctx:
+        with session(opts, continue_with=resume_command) as ctx:
             result = body(ctx)
     except KeyboardInterrupt as exc:
         text = str(exc) or "interrupted"
