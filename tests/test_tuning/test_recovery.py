@@ -148,6 +148,7 @@ def test_a_resume_through_another_tracking_server_writes_there(ray_session, work
         seconds = time.time() - t0
         out = capsys.readouterr().out
         assert f"was tracked through {first.url}; it continues through {second.url}" in out
+        assert "View run" not in out  # MLflow's per-run links (22 of 51 lines of a cluster run) are off
         client = MlflowClient(second.url)
         (trial,) = _trials(client)
         assert trial.info.status == "FINISHED" and trial.data.tags[N.TAG_OUTCOME] == N.OUTCOME_COMPLETED
@@ -211,9 +212,9 @@ def full_artifacts(workdir):
     yield from _tmpfs(workdir / "mlartifacts")
 
 
-def _tmpfs(path: Path):
+def _tmpfs(path: Path, size: str = "2m"):
     path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True, text=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -359,3 +360,27 @@ def test_a_cluster_taken_down_mid_stage_is_one_line_and_resumes_after_up(tmp_pat
         assert not _runs(client, "attributes.status = 'RUNNING'")
     finally:
         run_cli(local.main, ["down", "--dir", str(folder)])
+
+
+def test_a_new_store_on_a_full_disk_is_one_line_and_works_once_space_is_freed(workdir):
+    """A real full disk (a 16 MB tmpfs, filled). Before: the half-migrated sqlite file stayed, and every
+    later open failed with `duplicate column name: db_payload_generation` until it was deleted by hand."""
+    from tuning.flags import TrackingError
+    from tuning.tracking import client_for
+
+    mount = _tmpfs(workdir / "small", size="16m")
+    disk = next(mount)  # mounted while `mount` lives; closing it unmounts
+    try:
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (16 * 2**20 - 64 * 2**10))  # 64 KB left: less than a new store's tables
+        uri = f"sqlite:///{disk / 'mlflow.db'}"
+        with pytest.raises(TrackingError) as refused:
+            client_for(uri)
+        assert "No space left on device" in str(refused.value) or "full" in str(refused.value), refused.value
+        assert "\n" not in str(refused.value) and not (disk / "mlflow.db").exists()
+        filler.unlink()  # space freed
+        client = client_for(uri)
+        assert [e.name for e in client.search_experiments()] == ["Default"]
+        assert client.search_registered_models() == []
+    finally:
+        mount.close()
