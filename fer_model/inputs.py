@@ -8,11 +8,25 @@ One path serves training, evaluation, the registered MLflow model and `tuning.pr
                                                                   Model 1's outputs as they are)
 
 `predict_proba` optionally averages the probabilities over test-time views of each image (`tta_views`).
+
+Real photos, safely (`open_image`, `to_gray48`):
+
+- At most `MAX_PIXELS` (40 megapixels) per image, checked from the header before the pixels are
+  decoded; a larger image (or one Pillow calls a decompression bomb) is an `ImageTooLarge` naming the
+  limit. A large JPEG is decoded at a reduced size (`image.draft`, DCT scaling to >= `DRAFT_SIZE`).
+- Every mode Pillow decodes becomes 8-bit grayscale on one scale, 0 black to 255 white:
+  ``1``, ``L``, ``P``, ``RGB``, ``CMYK``, ``YCbCr`` by Pillow's conversion (ITU-R 601-2 luma);
+  16- and 32-bit integers (``I;16``, ``I``) scaled by their bit depth (65535 -> 255; see `_int_max`);
+  floats (``F``) as grey levels 0..255, clipped, as the array input and Pillow's own conversion read
+  them; transparency (``LA``, ``RGBA``, ``PA``, a palette or colour key) composited on black, i.e. the
+  grey level times the opacity, as the training-time ``translate`` augmentation fills with black.
 """
 
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from typing import Any, Iterable
 
 import numpy as np
@@ -22,6 +36,7 @@ from torch import nn
 from fer_model.augment import shift_batch
 from fer_model.config import IMAGE_SIZE, NUM_CLASSES, check_tta
 from fer_model.device import fp32
+from fer_model.errors import first_line
 
 EVAL_BATCH = 1024
 # "tencrop" test-time views: (rows, columns) offsets of the five shifted copies, each also mirrored.
@@ -30,19 +45,55 @@ TENCROP_OFFSETS = ((0, 0), (-TENCROP_SHIFT, -TENCROP_SHIFT), (-TENCROP_SHIFT, TE
                    (TENCROP_SHIFT, -TENCROP_SHIFT), (TENCROP_SHIFT, TENCROP_SHIFT))
 
 
+# Decoded pixels per image, checked before decoding: a 40 Mpx RGB image is 120 MB decoded, larger than
+# any camera photo of a face needs, and far below what a request-sized "decompression bomb" could claim.
+MAX_PIXELS = 40_000_000
+# A JPEG larger than this on both sides is decoded at 1/2, 1/4 or 1/8 scale, never below it: plenty for
+# a 48x48 bilinear resize, and a large photo decodes in a fraction of the time and memory.
+DRAFT_SIZE = 4 * IMAGE_SIZE
+_ALPHA_MODES = {"LA", "PA", "RGBA", "La", "RGBa"}
+
+
 class ImageError(ValueError):
     """An input that cannot be made into a 48x48 grayscale image; the message says why."""
 
 
+class ImageTooLarge(ImageError):
+    """An image of more than `MAX_PIXELS` pixels; never read as anything else."""
+
+
+def _too_large(what: str) -> ImageTooLarge:
+    return ImageTooLarge(f"{what} exceeds the limit of {MAX_PIXELS / 1e6:g} Mpx ({MAX_PIXELS:,} pixels)")
+
+
+def check_size(width: int, height: int) -> None:
+    """Raise ImageTooLarge for an image of more than `MAX_PIXELS` pixels."""
+    if width * height > MAX_PIXELS:
+        raise _too_large(f"image of {width} x {height} = {width * height / 1e6:.1f} Mpx")
+
+
 def open_image(data: bytes):
-    """Decode image bytes with PIL (fully loaded), or raise ImageError."""
+    """Decode image bytes with PIL (fully loaded), or raise ImageError (ImageTooLarge beyond `MAX_PIXELS`,
+    known from the header before any pixel is decoded)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        with warnings.catch_warnings():
+            # Pillow only warns between its own limit and twice it; here any bomb is refused.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+            check_size(*image.size)
+            if image.format in ("JPEG", "MPO"):  # MPO: the JPEGs many phones write
+                image.draft(None, (DRAFT_SIZE, DRAFT_SIZE))
+            image.load()
         return image
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's check runs inside Image.open, before the size is ours to read; its message has the count.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(f"image of {int(found.group(1)) / 1e6:.1f} Mpx" if found else "image") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"not a readable image ({type(exc).__name__})") from None
 
 
@@ -51,25 +102,65 @@ def is_gray48(image) -> bool:
     return image.mode == "L" and image.size == (IMAGE_SIZE, IMAGE_SIZE)
 
 
+def _int_max(image) -> int:
+    """The white level of an integer image (``I;16*``, ``I``): 2**bits - 1 for its declared bit depth.
+
+    ``I;16*`` is 16 bits; an ``I`` image takes its depth (and signedness) from a TIFF's BitsPerSample and
+    SampleFormat, a PNG's is 16 (older Pillow opened 16-bit PNGs as ``I``); one that declares none
+    (made in memory) is 16 bits if its values fit, else 32."""
+    if image.mode.startswith("I;16"):
+        return 65535
+    tags = getattr(image, "tag_v2", None)
+    if tags is not None and 258 in tags:
+        bits = tags[258][0] if isinstance(tags[258], tuple) else int(tags[258])
+        sample_format = tags.get(339, 1)
+        signed = (sample_format[0] if isinstance(sample_format, tuple) else sample_format) == 2
+        return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+    if image.format == "PNG":
+        return 65535
+    return 65535 if image.getextrema()[1] <= 65535 else 2 ** 31 - 1
+
+
 def to_gray48(image) -> np.ndarray:
-    """A PIL image of any size and mode as uint8 (48, 48): grayscale, bilinear resize.
+    """A PIL image of any size and mode as uint8 (48, 48): grayscale (each mode as the module docstring
+    says), bilinear resize. A mode that has no grey reading is an ImageError.
 
     The data layer converts odd training images with this too, so a served model sees what training saw.
     """
     from PIL import Image
 
-    if not is_gray48(image):
-        image = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+    if is_gray48(image):
+        return np.asarray(image, dtype=np.uint8)
+    size, bilinear = (IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR
+    try:
+        if image.mode.startswith("I") or image.mode == "F":
+            # Resized as floats, then scaled: the 8-bit conversion would clip everything above 255 to white.
+            white = 255.0 if image.mode == "F" else float(_int_max(image))
+            values = np.asarray(image.convert("F").resize(size, bilinear), dtype=np.float64)
+            values = np.nan_to_num(values, nan=0.0, posinf=white, neginf=0.0)
+            return np.round(np.clip(values * (255.0 / white), 0, 255)).astype(np.uint8)
+        if image.mode in _ALPHA_MODES or "transparency" in image.info:
+            # Premultiplied ("La"): grey times opacity, i.e. composited on black. Through LA: Pillow 13's
+            # direct RGBA -> La keeps the grey as it is.
+            if image.mode != "La":
+                la = image if image.mode == "LA" else image.convert("RGBA").convert("LA")
+                image = la.convert("La")
+            image = image.getchannel(0)
+        return np.asarray(image.convert("L").resize(size, bilinear), dtype=np.uint8)
+    except (ValueError, OSError) as exc:  # LAB: "conversion from LAB to RGB not supported"
+        raise ImageError(f"cannot read a {image.mode} image as grayscale ({first_line(exc)})") from None
 
 
 def image_array(value: Any) -> np.ndarray:
-    """One image as users hold it as uint8 (48, 48): encoded bytes (PNG, JPEG, BMP, ...), the 2,304 raw
-    bytes of a 48x48 uint8 array, or an array of grey levels (or H x W x C colours) of any size."""
+    """One image as users hold it as uint8 (48, 48): encoded bytes (PNG, JPEG, BMP, TIFF, ...), the 2,304
+    raw bytes of a 48x48 uint8 array, or an array of grey levels (or H x W x C colours) of up to
+    `MAX_PIXELS` pixels. Anything else is an ImageError saying why."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
         try:
             return to_gray48(open_image(data))
+        except ImageTooLarge:
+            raise
         except ImageError:
             if len(data) == IMAGE_SIZE * IMAGE_SIZE:  # raw grey levels: a 48x48 uint8 array's tobytes()
                 return np.frombuffer(data, dtype=np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE).copy()
@@ -81,6 +172,7 @@ def image_array(value: Any) -> np.ndarray:
     if array.dtype == object or array.dtype.kind not in "uif" or array.ndim not in (2, 3):
         raise ImageError(f"expected image bytes or a 2-D (or H x W x C) array of grey levels, "
                          f"got {type(value).__name__} of shape {array.shape}")
+    check_size(array.shape[1], array.shape[0])  # before the value checks, which pass over every pixel
     if array.size == 0 or not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
         raise ImageError("array values must be grey levels within 0..255")
     from PIL import Image

@@ -6,7 +6,10 @@
 
 A FER2013 source (a .csv, .zip, .tar.gz, or a folder with train/ and test/ or the CSV) is read by the
 data layer; its test images (PublicTest and PrivateTest) are predicted and scored against their labels.
-Anything else is image files (folders recursively); unreadable files are skipped and counted.
+A folder with test/<class>/ images and no train/ is labelled test images too, class folders mapped by
+name as the data layer maps them. Anything else is image files (folders recursively). Unreadable files
+and images beyond `fer_model.inputs.MAX_PIXELS` are skipped and counted; the rest are predicted in
+requests of at most `tuning.pyfunc.MAX_IMAGES` images.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from tuning import flags
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "models:/fer2013-cnn@champion"
 _SOURCE_SUFFIXES = (".csv", ".csv.gz", ".zip", ".tar.gz", ".tgz", ".tar")
+_CSV_NAMES = {"fer2013.csv", "icml_face_data.csv", "fer2013.csv.gz"}
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -45,7 +49,40 @@ def is_fer_source(path: Path) -> bool:
     if path.is_file():
         return name.endswith(_SOURCE_SUFFIXES)
     children = {c.name.lower() for c in path.iterdir()} if path.is_dir() else set()
-    return bool(children & {"train", "test", "fer2013.csv", "icml_face_data.csv", "fer2013.csv.gz"})
+    return bool(children & {"train", "test", *_CSV_NAMES})
+
+
+def _child(folder: Path, name: str) -> Path | None:
+    """The entry of `folder` named `name` in any case (the data layer reads TEST/ as test/), or None."""
+    return next((c for c in folder.iterdir() if c.name.lower() == name), None)
+
+
+def is_test_folder(path: Path) -> bool:
+    """Whether `path` is a folder of labelled test images only: test/ but neither train/ nor a CSV."""
+    if not path.is_dir():
+        return False
+    children = {c.name.lower() for c in path.iterdir()}
+    return "test" in children and not children & {"train", *_CSV_NAMES}
+
+
+def read_test_folder(root: Path) -> tuple[list[str], list[bytes], "np.ndarray", "np.ndarray"]:
+    """(names, raw 48x48 bytes, labels, usage) of the images under ``root/test/<class>/``, decoded as
+    `read_images` decodes (unreadable ones skipped), placed by the data layer's rule (`_place`: class
+    folders by name, PublicTest/PrivateTest by file-name prefix) so scores match a full source's."""
+    import numpy as np
+
+    from fer_model import data as fdata
+
+    test = _child(root, "test")
+    placed = {}
+    for f in image_files([test]):
+        place = fdata._place(f.relative_to(root).as_posix())  # DataError naming an unknown class folder
+        if place is not None:
+            placed[str(f)] = place
+    names, blobs = read_images([Path(n) for n in placed])
+    labels = np.array([placed[n][0] for n in names], dtype=np.int64)
+    usage = np.array([placed[n][1] for n in names], dtype=np.int8)
+    return names, blobs, labels, usage
 
 
 def image_files(paths: Sequence[Path]) -> list[Path]:
@@ -135,10 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numpy as np
     import pandas as pd
 
-    from tuning.pyfunc import EMOTION, IMAGE_COLUMN, PROB_COLUMNS
+    from tuning.pyfunc import EMOTION, IMAGE_COLUMN, MAX_IMAGES, PROB_COLUMNS
 
     labels = usage = None
-    if sources:
+    if sources and is_test_folder(sources[0]):
+        names, blobs, labels, usage = read_test_folder(sources[0])
+    elif sources:
         from fer_model import data as fdata
 
         raw, _ = fdata.read_cached(sources[0], args.cache_dir)
@@ -152,7 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("no readable images to predict")
     model = load_model(args.model, tracking_uri)
     try:
-        frame = model.predict(pd.DataFrame({IMAGE_COLUMN: blobs}))
+        # The model refuses requests of more than MAX_IMAGES images; a FER2013 test set holds 7,178.
+        frame = pd.concat([model.predict(pd.DataFrame({IMAGE_COLUMN: blobs[i:i + MAX_IMAGES]}))
+                           for i in range(0, len(blobs), MAX_IMAGES)], ignore_index=True)
         probs = frame[PROB_COLUMNS].to_numpy()
     except Exception as exc:  # noqa: BLE001 - a model that is not this project's image pyfunc
         raise UserError(f"model {args.model} does not take an {IMAGE_COLUMN!r} column and return "

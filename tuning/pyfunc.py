@@ -3,6 +3,9 @@
 Input: a DataFrame with a column ``image`` of encoded image bytes (PNG, JPEG, BMP; base64 in a JSON
 request to `mlflow models serve`), or the 2,304 raw bytes of a 48x48 uint8 array. Any size or colour
 mode becomes 48x48 grayscale as the data layer converts odd training images (`fer_model.inputs`).
+At most `MAX_IMAGES` (4,096) images a request, each of at most `fer_model.inputs.MAX_PIXELS` (40 Mpx):
+beyond either, or for a value that is not an image, the request is refused as INVALID_PARAMETER_VALUE
+(a 400 when served), naming the row or the limit.
 Output: one row per image: ``label`` (0-6), ``emotion`` and ``p_<class>`` for each class, summing to 1
 whether a member network outputs logits (Model 2) or probabilities (Model 1).
 
@@ -32,6 +35,9 @@ IMAGE_COLUMN = "image"
 LABEL, EMOTION = "label", "emotion"
 PROB_COLUMNS = [f"p_{name}" for name in CLASS_NAMES]
 MEMBER_PREFIX = "member_"
+# Images a request may hold: bounds one request's decoding time (each image is decoded in turn, so
+# memory stays one image's); tuning.predict sends larger sets in requests of this size.
+MAX_IMAGES = 4096
 TTA_CONFIG = "tta"  # model_config key: the test-time augmentation predictions average over
 
 
@@ -50,10 +56,14 @@ class FerClassifier(mlflow.pyfunc.PythonModel):
 
 
 def images_from_frame(frame: Any):
-    """The ``image`` column as uint8 (N, 1, 48, 48); a bad value is a 400-class error naming its row."""
+    """The ``image`` column as uint8 (N, 1, 48, 48); a bad value is a 400-class error naming its row, more
+    than `MAX_IMAGES` rows one naming the limit."""
     if not isinstance(frame, pd.DataFrame) or IMAGE_COLUMN not in frame.columns:
         raise MlflowException(f"the input needs a column {IMAGE_COLUMN!r} of encoded images (base64 in JSON)",
                               error_code=INVALID_PARAMETER_VALUE)
+    if len(frame) > MAX_IMAGES:
+        raise MlflowException(f"a request holds at most {MAX_IMAGES} images, got {len(frame)}: send them in "
+                              f"requests of {MAX_IMAGES} or fewer", error_code=INVALID_PARAMETER_VALUE)
     try:
         return image_batch(frame[IMAGE_COLUMN])
     except ImageError as exc:
