@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -100,6 +101,16 @@ def choose_device(gpu_share: float, cuda_visible: bool, on_cpu_allowed: bool, no
         f"or run them where torch sees one ({GPU_TRIALS_ON_CPU_ENV}=1 trains them on the CPU, for tests)")
 
 
+def quiet_worker_exit(unraisable) -> None:
+    """`sys.unraisablehook` of a trial's worker: Ray's SIGTERM handler stops an idle (reused) trial
+    worker with SystemExit when its driver ends, and where that lands in a weakref callback Python
+    printed "Exception ignored in ... SystemExit: 1" with a traceback, forwarded to the driver's console
+    as the last lines of a run. That exit is the worker being stopped; anything else is printed as ever."""
+    if isinstance(unraisable.exc_value, SystemExit):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def train_trial(config: dict[str, Any], data: FerData, setup: TrialSetup, name_keys: tuple[str, ...] = ()) -> None:
     """Train one Tune trial. `data` arrives once through the object store (tune.with_parameters)."""
     cfg = TrainConfig.from_dict(config)  # the one conversion from Tune's dict; unknown keys fail
@@ -110,6 +121,7 @@ def train_trial(config: dict[str, Any], data: FerData, setup: TrialSetup, name_k
     # A cluster's workers did not get the driver's environment (fer_model.cli.quiet_libraries): no
     # "View run ... at" line per trial forwarded to the driver's console.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    sys.unraisablehook = quiet_worker_exit
     torch.set_num_threads(max(1, int(setup.cpus_per_trial)))
     ctx = tune.get_context()
 

@@ -58,9 +58,10 @@ def test_the_next_driver_stops_what_a_sigkilled_drivers_ray_left(tmp_path):
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     deadline = time.time() + 20
-    while _running(names["raylet"]) and time.time() < deadline:  # the kernel kills Ray's direct children
+    # Ray's direct children die with it (fate sharing), on a loaded machine seconds later; whatever is
+    # still on its way out then, the reaper below must stop as well (it did: gcs_server once, under load).
+    while (_running(names["raylet"]) or _running(names["gcs_server"])) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _running(names["raylet"]) and not _running(names["gcs_server"])
     # What Ray leaves (ray-project/ray#52385): if this fails, Ray stops its agents itself now.
     assert _running(names["ray::DashboardAgent"]) and _running(names["ray::RuntimeEnvAgent"])
 
