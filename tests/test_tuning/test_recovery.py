@@ -295,6 +295,7 @@ def test_sigterm_while_the_server_is_dead_in_the_final_stage_ends_in_seconds(ray
     assert "Stop signal received" not in out + err and "Traceback" not in err, err[-3000:]
 
 
+@pytest.mark.slow  # 60-130 s: it waits out the driver's ~30 s of retries; the SIGTERM test above meets the same fault in seconds
 def test_the_server_dead_in_the_final_stage_is_one_line_and_exit_2(ray_session, workdir, tiny_folder,
                                                                    mlflow_server_process):
     """Unattended, the same fault: the driver gives up on the dead server in seconds, not minutes, and
