@@ -47,7 +47,7 @@ PORTS = "ports.json"  # the ports of the last `up`; `down` keeps it so that the 
 HOST = "127.0.0.1"
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 10.0  # SIGTERM's grace, not Ray's 30 s drain: a local cluster has no remote work to drain
-PROBE_TIMEOUT = 5.0  # `status`'s question to the head: a hung GCS must not hang `status`
+PROBE_TIMEOUT = 10.0  # `status`'s question to the head (its child's start, ~2-4 s on a busy 2-core machine, included): a hung GCS must not hang `status`
 HEALTH_TIMEOUT = 2.0
 
 
@@ -237,7 +237,9 @@ def stop_and_wait(find: Callable[[], Mapping[int, Any]], groups: Sequence[int] =
     for sig in (None, signal.SIGKILL):
         if sig is not None:
             killed = {pid for pid, proc in seen.items() if process_running(proc)}
-            _signal_all([seen[pid] for pid in killed], groups, sig)
+            # Only groups a living member still holds: an emptied group's id may be a new leader's by now.
+            alive_groups = {g for g in (_pgid(pid) for pid in killed) if g in set(groups)}
+            _signal_all([seen[pid] for pid in killed], sorted(alive_groups), sig)
         deadline = time.time() + timeout
         while True:
             seen.update(find())
@@ -248,6 +250,13 @@ def stop_and_wait(find: Callable[[], Mapping[int, Any]], groups: Sequence[int] =
         if not left:
             break
     return len(seen) - len(left), len(killed), left
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def _stop(processes: Sequence[Started], timeout: float | None = None) -> tuple[int, int, list[int]]:

@@ -77,16 +77,20 @@ def open_image(data: bytes):
     known from the header before any pixel is decoded)."""
     from PIL import Image, UnidentifiedImageError
 
+    from PIL import ImageOps
+
+    # Pillow warns between its own limit (89.5 Mpx) and twice it, and refuses above: `check_size` refuses
+    # everything over MAX_PIXELS (40 Mpx) itself, so the warning says nothing. Filtered once for the
+    # process: a `catch_warnings` block per call is not thread-safe under a threaded server.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between its own limit and twice it; here any bomb is refused.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # reads the header only
-            check_size(*image.size)
-            if image.format in ("JPEG", "MPO"):  # MPO: the JPEGs many phones write
-                image.draft(None, (DRAFT_SIZE, DRAFT_SIZE))
-            image.load()
-        return image
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        check_size(*image.size)
+        if image.format in ("JPEG", "MPO"):  # MPO: the JPEGs many phones write
+            image.draft(None, (DRAFT_SIZE, DRAFT_SIZE))
+        image.load()
+        # A phone photo is stored sideways with an EXIF orientation: upright, as a person sees it.
+        return ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

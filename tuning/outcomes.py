@@ -234,8 +234,16 @@ class TrialOutcomes(Callback):
                     log.warning("MLflow %s: outcome of trial %s not recorded: %s", self.stage.tracking_uri,
                                 trial.trial_id, first_line(exc))
                     return False
-                time.sleep(wait)
+                _sleep_unless_stopping(wait)
                 wait *= 2
+
+
+def _sleep_unless_stopping(seconds: float) -> None:
+    """Sleep `seconds` in short slices, ending early once SIGTERM set `STOPPING` (a plain sleep resumes
+    after the signal's handler has run, so a stop would wait out the whole backoff)."""
+    end = time.monotonic() + seconds
+    while not STOPPING.is_set() and time.monotonic() < end:
+        time.sleep(0.1)
 
 
 def settled(run) -> bool:
@@ -339,13 +347,13 @@ def summarize(results, setup: TrialSetup, expected: int | None = None) -> list[T
                              run.info.run_id if run else None, run.info.run_name if run else "",
                              f"{run.data.tags.get(TAG_NODE_ID, '')[:8]} {run.data.tags.get(TAG_NODE_IP, '')}".strip() if run else "",
                              (run.data.tags.get(N.TAG_ERROR, "") if run else "") or (first_line(result.error) if result.error else "")))
-    if unsettled:
+    if unsettled and not cut:  # with trials cut too, it was an interruption: Interrupted below says so
         why = next((stage.unsettled[t] for t in unsettled if t in stage.unsettled), "its outcome was not written")
         raise StoreUnavailable(f"the MLflow store {setup.tracking_uri} did not record the outcome of {len(unsettled)} "
                                f"finished trial(s) ({why}); nothing was interrupted and no training is lost")
     missing = 0 if expected is None or budget_spent else max(expected - len(results), 0)
     if cut or missing:
-        raise Interrupted(f"interrupted with {cut + missing} trial(s) unfinished; the state is saved")
+        raise Interrupted(f"interrupted with {cut + missing + len(unsettled)} trial(s) unfinished; the state is saved")
     return rows
 
 

@@ -58,10 +58,10 @@ def session(opts: CommonOptions, with_ray: bool = True, experiment_id: str | Non
         ray = ray_session(opts.cluster, opts.tracking.uri)
     else:
         ray = nullcontext()
-    with ray:
-        bound_driver_retries()  # now: a local Ray's workers, started above, keep MLflow's longer retries
+    with ray, bound_driver_retries():  # now: a local Ray's workers, started above, keep MLflow's longer retries
         stop = threading.Event()
-        if with_ray and opts.cluster.address and continue_with:
+        # Not through Ray Client (ray://): its GCS address is the server's own view, often unreachable here.
+        if with_ray and opts.cluster.address and not opts.cluster.address.startswith("ray://") and continue_with:
             import ray as ray_api
 
             from tuning.head_watch import watch_head
@@ -195,11 +195,16 @@ def final(ctx: StageContext, options: FinalOptions, source_run_id: str, best_con
         log_metrics(ctx.client, run_id, phases.DRIVER.take())
     print(describe_final(result, version, full_data=ctx.data_config.max_samples is None))
     if options.promote and version is not None:
-        from tuning import registry
-
-        req = registry.PromotionRequest(ctx.tracking.model_name, version.version)
-        print(f"promotion: {registry.promote(ctx.client, req).describe(req)}")
+        promote_version(ctx, version)
     return result, version
+
+
+def promote_version(ctx: StageContext, version: ModelVersion) -> None:
+    """--promote: the guarded promotion of `version`, its decision printed."""
+    from tuning import registry
+
+    req = registry.PromotionRequest(ctx.tracking.model_name, version.version)
+    print(f"promotion: {registry.promote(ctx.client, req).describe(req)}")
 
 
 def drop_partial_model(ctx: StageContext, run_id: str) -> None:
@@ -212,6 +217,11 @@ def drop_partial_model(ctx: StageContext, run_id: str) -> None:
     except Exception:  # noqa: BLE001 - the store may be what failed
         return
     parsed = urlparse(uri)
+    try:  # a version that exists (its response lost on the way back) keeps its model: --resume adopts it
+        if ctx.client.search_model_versions(f"run_id = '{run_id}'"):
+            return
+    except Exception:  # noqa: BLE001 - the store may be what failed: then nothing was registered either
+        pass
     if parsed.scheme in ("", "file"):
         shutil.rmtree(Path(parsed.path) / register_step.MODEL_ARTIFACT, ignore_errors=True)
 
@@ -332,8 +342,11 @@ def _continue_chain(ctx: StageContext, grid_run_id: str, inputs: GridInputs, cha
         else:
             options = dataclasses.replace(chain.search, resume=True, study_name=found.data.tags[N.TAG_STUDY])
             result = search(ctx, options, None, chained_from=grid_run_id, then=then)
-    if chain.final.enabled and not (restore and _final_done(ctx, result.parent_run_id)):
+    done = restore and _final_done(ctx, result.parent_run_id)
+    if chain.final.enabled and not done:
         final(ctx, chain.final, result.parent_run_id, result.best.config, result.best.run_id, result.trials)
+    elif chain.final.enabled and chain.final.promote and isinstance(done, ModelVersion):  # adopted: promote it now
+        promote_version(ctx, done)
     set_tags(ctx.client, grid_run_id, {N.TAG_CHAIN_DONE: "true"})
     return result
 
@@ -347,10 +360,11 @@ def _finished_stage(ctx: StageContext, run) -> StageResult:
     return StageResult(tags[N.TAG_STAGE], run.info.run_id, [best], best, tags.get(N.TAG_STUDY))
 
 
-def _final_done(ctx: StageContext, source_run_id: str) -> bool:
+def _final_done(ctx: StageContext, source_run_id: str) -> bool | ModelVersion:
     """Whether the final stage of `source_run_id` is done: a FINISHED final run, or one whose driver died
     after it registered its model (the version exists, only the run's end was not written), which is
-    adopted (marked FINISHED, said in one line) rather than retrained into a second version."""
+    adopted (marked FINISHED, said in one line) rather than retrained into a second version; then the
+    adopted version is returned (its promotion, if asked, had not happened)."""
     query = f"tags.`{N.TAG_PARENT}` = '{source_run_id}' and tags.`{N.TAG_STAGE}` = '{N.STAGE_FINAL}'"
     runs = ctx.client.search_runs([ctx.experiment_id], query, max_results=20)
     if any(r.info.status == "FINISHED" for r in runs):
@@ -363,7 +377,7 @@ def _final_done(ctx: StageContext, source_run_id: str) -> bool:
             ctx.client.set_terminated(run.info.run_id, "FINISHED")
             print(f"final run {run.info.run_id} ({run.info.status.lower()}) had registered {versions[0].name} version "
                   f"{versions[0].version} before its driver stopped: adopted, not retrained")
-            return True
+            return versions[0]
     return False
 
 

@@ -121,12 +121,18 @@ def _create_sqlite_store(db: Path) -> None:
         finally:
             _close_engines(tmp_uri)
         _sqlite_settle(tmp)
-        os.rename(tmp, db)  # atomic within one folder: other processes see no store, or a whole one
-        tmp = None
+        try:  # a hard link is atomic and, unlike a rename, never replaces a store another tool made meanwhile
+            os.link(tmp, db)
+        except FileExistsError:
+            log.info("MLflow store %s was created meanwhile by another process: that one is used", db)
+        except OSError:  # a filesystem without hard links: a rename, unless a store appeared meanwhile
+            if not db.exists():
+                os.rename(tmp, db)
+                tmp = None
     except Exception as exc:  # noqa: BLE001 - whatever failed (ENOSPC, sqlite's "disk is full"), nothing is left
         raise TrackingError(f"the MLflow store {db} could not be created (nothing was left behind): "
                             f"{first_line(exc)}") from None
-    finally:
+    finally:  # the temporary name goes either way (after a link the store lives on under `db`)
         if tmp is not None:
             for leftover in (tmp, *(Path(f"{tmp}{s}") for s in ("-wal", "-shm", "-journal"))):
                 leftover.unlink(missing_ok=True)
@@ -305,12 +311,24 @@ DRIVER_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACK
 STOPPING_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}  # after SIGTERM: one try
 
 
-def bound_driver_retries() -> None:
-    """This process's MLflow calls give up on a dead server in seconds (`DRIVER_HTTP`), unless set already;
-    after SIGTERM (`fer_model.cli.on_stop`) they try once."""
+@contextmanager
+def bound_driver_retries() -> Iterator[None]:
+    """For the length of a command, this process's MLflow calls give up on a dead server in ~30 s
+    (`DRIVER_HTTP`, unless set already); after SIGTERM (`fer_model.cli.on_stop`) they try once. The
+    environment is put back after, so a later command in the same process (the tests) starts its own
+    local Ray with MLflow's defaults for its trials."""
+    before = {key: os.environ.get(key) for key in DRIVER_HTTP}
     for key, value in DRIVER_HTTP.items():
         os.environ.setdefault(key, value)
     on_stop(_fail_fast, _retry_again)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 _BEFORE_STOP: dict[str, str | None] = {}

@@ -92,7 +92,7 @@ def png_header(width: int, height: int) -> bytes:
 
 @pytest.mark.parametrize("width, height, shown", [
     (7000, 7000, "image of 7000 x 7000 = 49.0 Mpx"),  # below Pillow's own limit: ours refuses it
-    (10000, 10000, "image of 100.0 Mpx"),  # Pillow's DecompressionBombWarning, made an error
+    (10000, 10000, "image of 10000 x 10000 = 100.0 Mpx"),  # past Pillow's warning (89.5 Mpx): ours refuses it
     (20000, 20000, "image of 400.0 Mpx"),  # Pillow's DecompressionBombError
 ])
 def test_an_image_beyond_the_limit_is_refused_from_its_header(width, height, shown):
@@ -132,3 +132,16 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_size():
 def test_an_unsupported_mode_is_an_image_error():
     with pytest.raises(ImageError, match="cannot read a LAB image as grayscale"):
         inputs.to_gray48(Image.new("LAB", (60, 60)))
+
+
+def test_a_photo_stored_sideways_is_read_upright():
+    """Phones store a portrait photo as landscape pixels with an EXIF orientation; it is turned upright."""
+    image = Image.new("L", (60, 40), 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    assert open_image(buffer.getvalue()).size == (40, 60)
+    plain = io.BytesIO()
+    image.save(plain, format="JPEG")
+    assert open_image(plain.getvalue()).size == (60, 40)

@@ -11,6 +11,7 @@ most the trials Ray ran at once.
 from __future__ import annotations
 
 import os
+import shutil
 import secrets
 import subprocess
 import sys
@@ -197,6 +198,12 @@ def test_trials_pack_by_their_gpu_share(gpu_ray, workdir, tiny_folder, share, tr
     assert intervals[at_once][0] >= min(e for _, e in first)  # ...and the next began once one of them had ended
 
 
+# A machine with a real GPU (and nvidia-smi) sees Ray's GPU 0 and reads its memory: these two describe a
+# CPU-only node that declares a GPU.
+cpu_only = pytest.mark.skipif(bool(shutil.which("nvidia-smi")), reason="a real GPU is here: its trials would train on it")
+
+
+@cpu_only
 def test_a_gpu_share_without_a_visible_gpu_fails_at_once(gpu_ray, workdir, tiny_folder):
     """Without the switch a trial given a share of a GPU its process cannot see fails before training,
     naming its share and node; the stage ends in one line, exit 2."""
@@ -218,6 +225,7 @@ def test_a_gpu_share_without_a_visible_gpu_fails_at_once(gpu_ray, workdir, tiny_
     assert time.time() - t0 < 300  # no epochs: the command's start, two trials and a retry each
 
 
+@cpu_only
 def test_without_the_flag_a_gpu_cluster_gets_the_default_share(gpu_ray, workdir, tiny_folder):
     """The GPU's memory is asked on the GPU node (nvidia-smi, which a CPU-only node lacks): unknown,
     so the default share, said once before the plan."""

@@ -45,7 +45,7 @@ def test_a_request_beyond_max_images_is_a_400_naming_the_limit():
     with pytest.raises(MlflowException, match="at most 4096 images, got 4097") as info:
         pyfunc.images_from_frame(pd.DataFrame({pyfunc.IMAGE_COLUMN: [one] * 4097}))
     assert info.value.error_code == "INVALID_PARAMETER_VALUE" and info.value.get_http_status_code() == 400
-    with pytest.raises(MlflowException, match="row 1: image of 100.0 Mpx exceeds the limit of 40 Mpx") as info:
+    with pytest.raises(MlflowException, match="row 1: image of 10000 x 10000 = 100.0 Mpx exceeds the limit of 40 Mpx") as info:
         pyfunc.images_from_frame(pd.DataFrame({pyfunc.IMAGE_COLUMN: [one, png_header(10000, 10000)]}))
     assert info.value.get_http_status_code() == 400
 

@@ -13,6 +13,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from tuning import runner
 from tuning.tracking import pid_namespace
@@ -62,8 +63,10 @@ def test_the_next_driver_stops_what_a_sigkilled_drivers_ray_left(tmp_path):
     # still on its way out then, the reaper below must stop as well (it did: gcs_server once, under load).
     while (_running(names["raylet"]) or _running(names["gcs_server"])) and time.time() < deadline:
         time.sleep(0.2)
-    # What Ray leaves (ray-project/ray#52385): if this fails, Ray stops its agents itself now.
-    assert _running(names["ray::DashboardAgent"]) and _running(names["ray::RuntimeEnvAgent"])
+    # What Ray leaves (ray-project/ray#52385). Where its agents are gone already (a Ray that fixed it, or a
+    # slow machine where they finished exiting), there is nothing left for this test to see reaped.
+    if not (_running(names["ray::DashboardAgent"]) or _running(names["ray::RuntimeEnvAgent"])):
+        pytest.skip("the dead driver's Ray agents exited by themselves: nothing left to reap")
 
     nxt = _driver(tmp_path, "exit")  # the next command: its init_ray reaps, then starts its own Ray
     out = nxt.communicate(timeout=300)[0]
