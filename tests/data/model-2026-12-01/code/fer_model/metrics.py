@@ -1,0 +1,86 @@
+"""Metric names, defined once: the trainer, Tune, MLflow and best-trial selection all use these."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+TRAIN_LOSS = "train_loss"
+TRAIN_ACC = "train_acc"
+VAL_LOSS = "val_loss"
+VAL_ACC = "val_acc"
+EPOCH_SECONDS = "epoch_seconds"
+IMAGES_PER_SECOND = "images_per_second"
+LR = "lr"
+
+EPOCH_METRICS = (TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC, EPOCH_SECONDS, IMAGES_PER_SECOND, LR)
+
+# Hyperparameters are chosen on this, never on test data.
+SELECTION_METRIC = VAL_ACC
+SELECTION_MODE = "max"
+
+# Summaries of a run's epochs (a trial run carries them beside its per-epoch history).
+FINAL_VAL_ACC = "final_val_acc"
+BEST_VAL_ACC = "best_val_acc"
+EPOCHS_COMPLETED = "epochs_completed"
+
+TEST_ACC = "test_acc"
+TEST_MACRO_F1 = "test_macro_f1"
+TEST_PUBLIC_ACC = "test_public_acc"
+TEST_PRIVATE_ACC = "test_private_acc"
+TEST_LOSS = "test_loss"
+# The final stage's test numbers with its test-time augmentation (--tta), beside the plain ones: each
+# headline metric with this suffix (test_acc_tta, test_public_acc_tta, test_private_acc_tta, ...).
+TTA_SUFFIX = "_tta"
+TEST_HEADLINE = (TEST_ACC, TEST_PUBLIC_ACC, TEST_PRIVATE_ACC, TEST_MACRO_F1)
+TEST_ACC_TTA = TEST_ACC + TTA_SUFFIX
+# The epoch (1-based) whose weights the final stage evaluated and registered: the best on validation.
+BEST_EPOCH = "best_epoch"
+# The final stage's ensemble (--ensemble): how many members the registered model averages, and (step k)
+# the validation accuracy of the first k ranked members averaged, which `--ensemble auto` sizes it by.
+ENSEMBLE_SIZE = "ensemble_size"
+ENSEMBLE_VAL_ACC = "ensemble_val_acc"
+
+
+def with_tta(metrics: dict[str, float]) -> dict[str, float]:
+    """The headline test metrics of an evaluation with TTA, renamed with TTA_SUFFIX (test_acc -> test_acc_tta)."""
+    return {k + TTA_SUFFIX: metrics[k] for k in TEST_HEADLINE if k in metrics}
+
+
+def test_f1_name(class_name: str) -> str:
+    """The metric name of one class's test F1 (e.g. ``test_f1_happy``)."""
+    return f"test_f1_{class_name.lower()}"
+
+
+def member_metric(rank: int, name: str) -> str:
+    """A metric of ensemble member `rank` (1-based, rank order) in the final run, e.g. ``member2_test_acc``."""
+    return f"member{rank}_{name}"
+
+
+def last_val_acc(history: Sequence[Mapping[str, float]]) -> float:
+    """Validation accuracy at the last epoch (what selection uses); NaN with no epochs."""
+    return float(history[-1][VAL_ACC]) if history else float("nan")
+
+
+def best_val_acc(history: Sequence[Mapping[str, float]]) -> float:
+    """The highest validation accuracy of any epoch; NaN with no epochs."""
+    values = [float(h[VAL_ACC]) for h in history if math.isfinite(h[VAL_ACC])]
+    return max(values) if values else float("nan")
+
+
+def best_epoch(history: Sequence[Mapping[str, float]]) -> int:
+    """The epoch (1-based) of the highest validation accuracy, the first on a tie; 0 with none finite."""
+    best, epoch = -math.inf, 0
+    for i, h in enumerate(history):
+        if math.isfinite(h[VAL_ACC]) and h[VAL_ACC] > best:
+            best, epoch = float(h[VAL_ACC]), i + 1
+    return epoch
+
+
+def summary(history: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """The summary metrics of a history: epochs, last and best validation accuracy."""
+    out: dict[str, float] = {EPOCHS_COMPLETED: len(history)}
+    if history:
+        out[FINAL_VAL_ACC] = last_val_acc(history)
+        out[BEST_VAL_ACC] = best_val_acc(history)
+    return out

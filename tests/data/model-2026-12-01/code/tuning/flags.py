@@ -1,0 +1,549 @@
+"""Every flag the tuning commands share, in one place, and their validation (all before Ray starts).
+
+One convention: a flag's argparse default is None, meaning "not given"; defaults are filled in
+here (or by a preset, which only fills what the user left unset). Each concern becomes its own
+typed, validated object: `DataConfig`, `TrackingOptions`, `ClusterOptions`, `FinalOptions`,
+`SchedulerSettings`. Nothing heavy is imported at module level: --help answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from fer_model.config import TTA_MODES, DataConfig
+from fer_model.errors import ConfigError, DataError, UserError, first_line
+from tuning.names import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
+
+DEFAULT_FINAL_EPOCHS = 15  # the study's retrain of its grid winner
+# --ensemble auto: the final stage retrains up to this many of the best trials, keeping those that help on validation.
+ENSEMBLE_AUTO, ENSEMBLE_AUTO_MAX = "auto", 5
+FINAL_EPOCHS_RATIO = 1.5  # the study: 15 final epochs after 10-epoch trials; --final-epochs follows --epochs so
+SQLITE = "sqlite:///"
+
+
+class TrackingError(UserError):
+    """The MLflow tracking store cannot be used."""
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+# --------------------------------------------------------------------------- data
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    from fer_model.config import DEFAULT_CACHE_MAX
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="FER2013 folder, .zip, .tar.gz or .csv (else $FER2013_DATA, ./data/fer2013, kagglehub)")
+    g.add_argument("--max-samples", type=int, help="use a stratified subset of this many Training images (test cut alike)")
+    g.add_argument("--val-fraction", type=float, help="stratified share of Training for validation (default 0.1)")
+    g.add_argument("--data-seed", type=int, help="seed of the validation split and subsets (default 0)")
+    g.add_argument("--cache-dir", help="decoded-data cache (default $FER2013_CACHE or ~/.cache/fer2013)")
+    g.add_argument("--cache-max", type=int, metavar="N",
+                   help=f"keep at most N decoded sources in the cache, least recently used dropped (default {DEFAULT_CACHE_MAX})")
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    from fer_model.config import DEFAULT_CACHE_MAX
+
+    if args.data and not Path(args.data).expanduser().exists():
+        raise DataError(f"--data {args.data!r} does not exist")
+    return DataConfig(args.data, _or(args.val_fraction, 0.1), args.max_samples, _or(args.data_seed, 0), args.cache_dir,
+                      _or(args.cache_max, DEFAULT_CACHE_MAX))
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+@dataclass(frozen=True)
+class TrackingOptions:
+    """Where runs and models go."""
+
+    uri: str
+    experiment: str = DEFAULT_EXPERIMENT
+    model_name: str = DEFAULT_MODEL_NAME
+
+
+def add_tracking_flags(p: argparse.ArgumentParser, model_name: bool = True, experiment: bool = True) -> None:
+    g = p.add_argument_group("tracking")
+    g.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    if experiment:
+        g.add_argument("--experiment", help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})")
+    if model_name:
+        g.add_argument("--model-name", help=f"registered model name (default {DEFAULT_MODEL_NAME})")
+
+
+def tracking_options(args: argparse.Namespace) -> TrackingOptions:
+    experiment = _or(getattr(args, "experiment", None), DEFAULT_EXPERIMENT)
+    if not experiment.strip():
+        raise ConfigError("--experiment must not be empty")
+    model_name = _or(getattr(args, "model_name", None), DEFAULT_MODEL_NAME)
+    if not model_name.strip():
+        raise ConfigError("--model-name must not be empty")
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking(uri)
+    return TrackingOptions(uri, experiment, model_name)
+
+
+def resolve_tracking_uri(flag: str | None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+
+    Local stores become absolute: Ray runs trials in other working directories.
+    """
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or SQLITE + "mlflow.db"
+    db = sqlite_path(uri)
+    if db is not None:
+        uri = SQLITE + str(db.resolve())
+    elif "://" not in uri and not uri.startswith("file:"):  # a bare folder: MLflow's file store
+        uri = Path(uri).resolve().as_uri()
+    return uri
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """An http(s) server must answer /health, a sqlite file's folder must exist, any other store must open."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                if r.status != 200:
+                    raise TrackingError(f"MLflow tracking server {uri} answered HTTP {r.status} to /health")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)})") from None
+        return
+    db = sqlite_path(uri)
+    if db is not None:  # creating the file is all it takes: no side effect before Ray starts
+        parent = db.parent
+        if not parent.is_dir():
+            raise TrackingError(f"tracking URI {uri}: folder {parent} does not exist")
+        return
+    # Any other store is opened for real: a database server may be down, and MLflow 3 refuses
+    # its file store only when a client opens it.
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - whatever the store raises, the URI is unusable
+        raise TrackingError(f"tracking URI {uri} cannot be used: {first_line(exc)}") from None
+
+
+# --------------------------------------------------------------------------- cluster and resources
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Which Ray, what each trial gets, where Tune keeps its state."""
+
+    address: str | None = None
+    storage: str = ""
+    storage_shared: bool = False
+    gpus_per_trial: float | None = None  # None: a share where the cluster has GPUs
+    cpus_per_trial: float = 1.0
+    max_concurrent: int | None = None
+    dashboard: bool = False  # a local Ray's dashboard, on 127.0.0.1
+    keep_trial_dirs: bool = False  # else a finished stage's Tune folder is removed once MLflow has it all
+
+
+def add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("resources and cluster")
+    g.add_argument("--gpus-per-trial", type=float,
+                   help="GPU share per trial, within 0..1 (0: no GPU; default where the cluster has GPUs: as many trials "
+                        "per GPU as fit in its memory, a power of two up to 4, so 0.25 on any GPU of 9 GiB or more; else 0)")
+    g.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
+    g.add_argument("--max-concurrent", type=int,
+                   help="at most this many trials at once (default: as resources allow: with GPU shares, "
+                        "GPUs / --gpus-per-trial, e.g. 4 per GPU at 0.25)")
+    g.add_argument("--address", help="join this Ray cluster (default $RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--storage", help="where Tune keeps trial results and checkpoints (default $FER_TUNE_STORAGE, else ./ray_results; "
+                                     "a shared path or URI on a cluster)")
+    g.add_argument("--storage-shared", action="store_true", default=None,
+                   help="--storage is a folder every node mounts (NFS), not a local one")
+    g.add_argument("--keep-trial-dirs", action="store_true", default=None,
+                   help="keep Tune's trial folders (checkpoints, results) after a stage finished; by default they "
+                        "are removed once everything is in MLflow")
+    g.add_argument("--verbose", action="store_true", default=None,
+                   help="Ray Tune's own progress tables and messages, besides a line per finished trial")
+    g.add_argument("--dashboard", action="store_true", default=None,
+                   help="start the local Ray's dashboard, on 127.0.0.1 only (default: none; a cluster's is on its head)")
+
+
+def keep_local_ray_on_loopback(cluster: ClusterOptions) -> None:
+    """A Ray this command starts itself listens on 127.0.0.1 only.
+
+    Ray replaces a 127.0.0.1 node address with the machine's network address, so its GCS, raylet and
+    workers listen on every interface (seen with `ss -ltnp`), guarded by its token alone. With
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 it keeps the loopback address, and binds there. Ray reads it
+    when imported: call this before anything imports ray. Joining a cluster leaves it alone.
+    """
+    if cluster.address is None:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def check_ray_address(address: str, source: str = "--address", timeout: float = 3.0) -> None:
+    """Raise a UserError unless something listens at the Ray cluster `address` (``HOST:PORT`` or
+    ``ray://HOST:PORT``; ``auto`` and ``local`` are left to Ray).
+
+    Without this, ray.init retries a dead GCS for minutes, printing C++ connection warnings.
+    A TCP connect proves only that a port is open, which is all this check claims.
+    """
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address[len("ray://"):] if address.startswith("ray://") else address
+    hostport = hostport.split("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"{source} {address!r}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else first_line(exc)
+        raise UserError(f"no Ray cluster at {source} {address} ({reason}): start one with `python -m cluster.local up` "
+                        "or `ray start --head --node-ip-address 127.0.0.1`, or drop the address for a local Ray") from None
+
+
+def cluster_options(args: argparse.Namespace) -> ClusterOptions:
+    from tuning.gpu_shares import check_share
+
+    check_share(args.gpus_per_trial)
+    cpus = _or(args.cpus_per_trial, 1.0)
+    if cpus <= 0:
+        raise ConfigError(f"--cpus-per-trial must be > 0, got {cpus}")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    # `python -m cluster.local up` writes FER_TUNE_STORAGE(_SHARED) into cluster.env: a folder every node reads.
+    storage = args.storage or os.environ.get("FER_TUNE_STORAGE") or str(Path("ray_results").resolve())
+    shared = bool(args.storage_shared) or (not args.storage and os.environ.get("FER_TUNE_STORAGE_SHARED") == "1")
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    if address:  # before Ray starts: ray.init on a dead address hangs for minutes
+        check_ray_address(address, "--address" if args.address else "RAY_ADDRESS")
+    if args.verbose:  # read by tuning.runner at each progress report (a --resume honours it too)
+        os.environ["FER_TUNE_VERBOSE"] = "1"
+    if address and args.dashboard:
+        raise ConfigError("--dashboard starts a local Ray's dashboard; a cluster's dashboard runs on its head node")
+    if args.dashboard:
+        import importlib.util
+
+        if importlib.util.find_spec("aiohttp_cors") is None:
+            raise ConfigError("--dashboard needs Ray's dashboard packages: pip install 'ray[default]'")
+    return ClusterOptions(address, storage, shared, args.gpus_per_trial, cpus, args.max_concurrent, bool(args.dashboard),
+                          bool(args.keep_trial_dirs))
+
+
+# --------------------------------------------------------------------------- the final stage
+
+
+@dataclass(frozen=True)
+class FinalOptions:
+    """The retrain of the best configuration (and its registration)."""
+
+    enabled: bool = True
+    epochs: int = DEFAULT_FINAL_EPOCHS
+    device: str | None = None
+    promote: bool = False  # then the guarded promotion of the new version to `champion`
+    why_epochs: str = ""  # where `epochs` came from, for the plan line
+    # Test-time augmentation of the final evaluation (logged beside the plain one) and of the registered
+    # model. Off by default: the registered model then answers exactly as the network alone.
+    tta: str = "none"
+    # --ensemble: "K" (the K best trials, each retrained) or ENSEMBLE_AUTO (sized on validation); None: one model.
+    ensemble: str | None = None
+
+    @property
+    def ensemble_candidates(self) -> int:
+        """How many of the source stage's best trials the final stage may retrain: 1 without --ensemble."""
+        if self.ensemble is None:
+            return 1
+        return ENSEMBLE_AUTO_MAX if self.ensemble == ENSEMBLE_AUTO else int(self.ensemble)
+
+
+def add_final_flags(p: argparse.ArgumentParser, optional: bool = True) -> None:
+    g = p.add_argument_group("final stage")
+    g.add_argument("--final-epochs", type=int, help=f"epochs of the final retrain (default {DEFAULT_FINAL_EPOCHS})")
+    if optional:
+        g.add_argument("--no-final", action="store_true", default=None, help="stop after the trials: no retrain, no registration")
+    g.add_argument("--device", help="device of the final retrain (default cuda if available)")
+    g.add_argument("--promote", action="store_true", default=None,
+                   help="then promote the new version to champion if it beats the champion (as python -m tuning.promote)")
+    g.add_argument("--tta", choices=TTA_MODES,
+                   help="test-time augmentation of the final evaluation and the registered model: class probabilities "
+                        "averaged over the image and its mirror (flip), or over 5 shifted copies and their mirrors "
+                        "(tencrop); test accuracy is logged with and without it (default none)")
+    g.add_argument("--ensemble", metavar="K|auto",
+                   help="register an ensemble: the K best trials by validation accuracy, each retrained as the final "
+                        f"model is, their class probabilities averaged; auto: up to {ENSEMBLE_AUTO_MAX}, added in rank "
+                        "order while validation accuracy rises (default: one model)")
+
+
+def final_options(args: argparse.Namespace, trial_epochs: int | None = None) -> FinalOptions:
+    """The final stage's options; its epochs follow the trials' by the study's ratio unless given."""
+    if args.final_epochs is not None:
+        typed = getattr(args, "final_epochs_given", args.final_epochs) is not None
+        epochs, why = args.final_epochs, "--final-epochs" if typed else "the preset's"
+    elif trial_epochs:
+        epochs = max(1, round(FINAL_EPOCHS_RATIO * trial_epochs))
+        why = f"{FINAL_EPOCHS_RATIO:g} x the trials' {trial_epochs}, the study's ratio; --final-epochs sets it"
+    else:
+        epochs, why = DEFAULT_FINAL_EPOCHS, "the study's; --final-epochs sets it"
+    if epochs < 1:
+        raise ConfigError(f"--final-epochs must be >= 1, got {epochs}")
+    from fer_model.device import resolve_device  # torch: only once the flags parsed
+
+    resolve_device(args.device)  # the final stage runs there: refuse a device this machine lacks now
+    enabled = not getattr(args, "no_final", None)
+    if not enabled:
+        given = [f for f, v in (("--promote", args.promote), ("--device", args.device),
+                                ("--final-epochs", getattr(args, "final_epochs_given", args.final_epochs)),
+                                ("--tta", args.tta), ("--ensemble", getattr(args, "ensemble", None))) if v]
+        if given:
+            raise ConfigError(f"{', '.join(given)} need(s) the final stage: drop --no-final")
+    return FinalOptions(enabled, epochs, args.device, bool(args.promote), why, _or(args.tta, "none"),
+                        ensemble_option(getattr(args, "ensemble", None)))
+
+
+def ensemble_option(value: str | None) -> str | None:
+    """--ensemble's value as stored: an integer >= 2 ("3") or ENSEMBLE_AUTO; None when not given."""
+    if value is None or value == ENSEMBLE_AUTO:
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if k < 2:
+        raise ConfigError(f"--ensemble must be an integer >= 2 or {ENSEMBLE_AUTO}, got {value!r}")
+    return str(k)
+
+
+# --------------------------------------------------------------------------- early stopping
+
+
+DEFAULT_GRACE_PERIOD = 2
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """Early stopping of poor trials: ASHA on validation accuracy per epoch, or none."""
+
+    kind: str = "none"  # "asha" or "none"
+    grace_period: int = DEFAULT_GRACE_PERIOD
+    reduction_factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.grace_period < 1 or self.reduction_factor <= 1:
+            raise ConfigError("the grace period must be >= 1 and the reduction factor > 1")
+
+    def make(self, max_epochs: int):
+        """Tune's scheduler (None: every trial runs to the end)."""
+        if self.kind != "asha":
+            return None
+        from ray.tune.schedulers import ASHAScheduler
+
+        from tuning.trainable import EPOCH
+
+        return ASHAScheduler(time_attr=EPOCH, max_t=max_epochs, grace_period=min(self.grace_period, max_epochs),
+                             reduction_factor=self.reduction_factor)
+
+
+def add_scheduler_flags(group: argparse._ArgumentGroup, flag_prefix: str, dest_prefix: str, default: str, what: str) -> None:
+    """--[prefix]scheduler, --[prefix]grace-period, --[prefix]reduction-factor for one stage's trials."""
+    group.add_argument(f"--{flag_prefix}scheduler", dest=f"{dest_prefix}scheduler", choices=["asha", "none"],
+                       help=f"asha: stop poor {what} trials early on validation accuracy; none: run all to the end (default {default})")
+    group.add_argument(f"--{flag_prefix}grace-period", dest=f"{dest_prefix}grace_period", type=int,
+                       help=f"ASHA: epochs before a {what} trial can be stopped (default {DEFAULT_GRACE_PERIOD}; "
+                            "--space strong: 5)")
+    group.add_argument(f"--{flag_prefix}reduction-factor", dest=f"{dest_prefix}reduction_factor", type=float,
+                       help=f"ASHA: keep 1/this of {what} trials at each rung (default 3)")
+
+
+def scheduler_settings(args: argparse.Namespace, dest_prefix: str, default: str, flag_prefix: str = "",
+                       grace_period: int = DEFAULT_GRACE_PERIOD) -> SchedulerSettings:
+    value = lambda name, fallback: _or(getattr(args, dest_prefix + name), fallback)
+    if value("scheduler", default) != "asha":
+        flag = "--" + flag_prefix
+        unused = [f"{flag}{n}" for n in ("grace-period", "reduction-factor") if getattr(args, dest_prefix + n.replace("-", "_")) is not None]
+        if unused:
+            raise ConfigError(f"{', '.join(unused)} only apply with {flag}scheduler asha")
+    return SchedulerSettings(value("scheduler", default), value("grace_period", grace_period), value("reduction_factor", 3.0))
+
+
+# --------------------------------------------------------------------------- the search
+
+DEFAULT_TRIALS = 30
+DEFAULT_SEARCH_EPOCHS = 15  # the default space's (tuning.spaces.NAMED_SPACES)
+STUDY_PREFIX = "fer2013-search"
+LATEST_GRID = "latest-grid"
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """A search: how many trials of how many epochs over which space, its Optuna study, its start."""
+
+    trials: int
+    epochs: int
+    space: dict[str, Any]
+    scheduler: SchedulerSettings
+    storage_url: str
+    study_name: str | None  # None: a new timestamped name, or (with resume) the latest search's
+    resume: bool = False
+    time_budget: float | None = None
+    sampler_seed: int = 0  # TPE's
+    train_seed: int = 0
+    start_from: str | None = None  # a grid or search run id, or LATEST_GRID: its best config is trial 1
+    given: Mapping[str, str] = field(default_factory=dict, compare=False)  # with resume: flag -> key to check
+
+    def stored(self) -> dict[str, Any]:
+        """What a search run keeps for --resume (and a grid chain for its search)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("resume", "given", "start_from")}
+
+    @classmethod
+    def from_stored(cls, d: Mapping[str, Any]) -> "SearchOptions":
+        return cls(**{**d, "scheduler": SchedulerSettings(**d["scheduler"])})
+
+
+def add_search_flags(p: argparse.ArgumentParser, in_grid: bool = False) -> None:
+    """The search's flags. In `tuning.grid` (a grid -> search chain) the flags the grid also has
+    get a ``--search-`` prefix; the chain's search starts from the grid's best, and cannot resume."""
+    g = p.add_argument_group("search" if not in_grid else "search after the grid (with --search-trials)")
+    pre = "search-" if in_grid else ""
+    if not in_grid:
+        g.add_argument("--trials", dest="search_trials", type=int, help=f"number of trials (default {DEFAULT_TRIALS})")
+    g.add_argument(f"--{pre}epochs", dest="search_epochs", type=int, help=f"epochs per search trial (default {DEFAULT_SEARCH_EPOCHS}; --space strong: 30)")
+    add_scheduler_flags(g, pre, "search_", "asha", "search")
+    g.add_argument("--space", help="default (the study's next steps), strong (architectures, augmentation, schedules), "
+                                   "or a YAML or JSON space file (see tuning/spaces.py; a name wins over a file of that name)")
+    g.add_argument("--time-budget", type=float, help="end the search after this many seconds; trials running then are recorded as stopped early")
+    g.add_argument("--optuna-storage", help="Optuna storage URL (default sqlite:///optuna.db beside the MLflow sqlite file)")
+    g.add_argument("--study-name", help=f"Optuna study name (default {STUDY_PREFIX}-<time>; with --resume, the latest search's)")
+    g.add_argument("--search-seed", type=int, help="TPE sampler seed (default 0)")
+    if not in_grid:
+        g.add_argument("--start-from", help=f"a grid or search run id, or {LATEST_GRID}: its best configuration is the first trial")
+        g.add_argument("--resume", action="store_true", default=None, help="continue an interrupted search without repeating finished trials")
+
+
+# A resumed search keeps what it started with: these flags, given again, must say the same
+# (argparse dest -> (flag, key in `SearchOptions.stored()` or the cluster's)).
+SEARCH_RESUME_KEYS = {
+    "search_trials": ("--trials", "trials"), "search_epochs": ("--epochs", "epochs"), "space": ("--space", "space"),
+    "search_scheduler": ("--scheduler", "scheduler.kind"), "search_grace_period": ("--grace-period", "scheduler.grace_period"),
+    "search_reduction_factor": ("--reduction-factor", "scheduler.reduction_factor"),
+    "time_budget": ("--time-budget", "time_budget"), "optuna_storage": ("--optuna-storage", "storage_url"),
+    "search_seed": ("--search-seed", "sampler_seed"), "seed": ("--seed", "train_seed"),
+    "max_concurrent": ("--max-concurrent", "max_concurrent")}
+
+
+def search_options(args: argparse.Namespace, tracking_uri: str, trials: int | None = None, train_seed: int = 0) -> SearchOptions:
+    """Validate the search flags (the space file included) before anything starts."""
+    from tuning.spaces import NAMED_SPACES, load_space, validate_space
+
+    from tuning.resume import given_flags
+
+    resume = bool(getattr(args, "resume", None))
+    if resume and getattr(args, "start_from", None):
+        raise ConfigError("--start-from does not apply with --resume: a resumed search keeps its start")
+    trials = _or(trials if trials is not None else getattr(args, "search_trials", None), DEFAULT_TRIALS)
+    if trials < 1:
+        raise ConfigError(f"the number of trials must be >= 1, got {trials}")
+    named = NAMED_SPACES.get(args.space or "default")  # None: a space file
+    epochs = search_epochs(args)
+    if epochs < 1:
+        raise ConfigError(f"search epochs must be >= 1, got {epochs}")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise ConfigError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
+    space = validate_space(named.space, epochs) if named else load_space(args.space, epochs)
+    in_grid = not hasattr(args, "start_from")
+    grace = named.grace_period if named else DEFAULT_GRACE_PERIOD
+    return SearchOptions(trials, epochs, space, scheduler_settings(args, "search_", "asha", "search-" if in_grid else "", grace),
+                         optuna_storage_url(args.optuna_storage, tracking_uri), args.study_name, resume, args.time_budget,
+                         _or(args.search_seed, 0), train_seed, getattr(args, "start_from", None),
+                         given_flags(args, SEARCH_RESUME_KEYS) if resume else {})
+
+
+def search_epochs(args: argparse.Namespace) -> int:
+    """--epochs of the search, else its named space's (30 for strong), else DEFAULT_SEARCH_EPOCHS."""
+    from tuning.spaces import NAMED_SPACES
+
+    named = NAMED_SPACES.get(args.space or "default")
+    return _or(args.search_epochs, named.epochs if named else DEFAULT_SEARCH_EPOCHS)
+
+
+def optuna_storage_url(flag: str | None, tracking_uri: str) -> str:
+    """--optuna-storage, else sqlite:///optuna.db beside the MLflow sqlite store (or here)."""
+    if flag:
+        url = flag if "://" in flag else SQLITE + str(Path(flag).resolve())
+    elif sqlite_path(tracking_uri) is not None:
+        url = SQLITE + str(sqlite_path(tracking_uri).parent / "optuna.db")
+    else:
+        url = SQLITE + str(Path("optuna.db").resolve())
+    if sqlite_path(url) is not None:
+        if not sqlite_path(url).parent.is_dir():
+            raise ConfigError(f"--optuna-storage {url}: its folder does not exist")
+        return url
+    try:  # open it now, before Ray starts: a bad URL or a server that is down is one line
+        import optuna
+
+        optuna.storages.RDBStorage(url)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and driver errors alike
+        raise ConfigError(f"--optuna-storage {url} cannot be opened: {first_line(exc)}") from None
+    return url
+
+
+# --------------------------------------------------------------------------- all of them
+
+
+@dataclass(frozen=True)
+class CommonOptions:
+    """The validated shared flags of a tuning command."""
+
+    data: DataConfig
+    tracking: TrackingOptions
+    cluster: ClusterOptions
+    final: FinalOptions
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    """Data, resources and cluster, tracking and final-stage flags."""
+    add_data_flags(p)
+    add_cluster_flags(p)
+    add_tracking_flags(p)
+    add_final_flags(p)
+
+
+def common_options(args: argparse.Namespace, trial_epochs: int | None = None) -> CommonOptions:
+    """Validate the shared flags: a bad value or an unreachable server raises a UserError.
+    `trial_epochs`: the trials' epochs, which the final stage's follow unless --final-epochs is given."""
+    data, cluster, final = data_config(args), cluster_options(args), final_options(args, trial_epochs)
+    return CommonOptions(data, tracking_options(args), cluster, final)
+
+
+def apply_preset(args: argparse.Namespace, preset: Mapping[str, Any]) -> None:
+    """Fill the flags the user left unset (None) from `preset`: given flags win."""
+    args.final_epochs_given = getattr(args, "final_epochs", None)  # what the user typed, for checks
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def floats(text: str) -> list[float]:
+    """Comma-separated numbers (``--dropouts 0.3,0.5``)."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ConfigError("expected at least one value")
+    return values

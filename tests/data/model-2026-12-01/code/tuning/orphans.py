@@ -1,0 +1,63 @@
+"""Runs whose driver died (SIGKILL, OOM, a closed laptop) are settled by the next command.
+
+A stage or final run is RUNNING while its driver lives: `tracking.tracked_run` records the driver's
+host, pid and process start time, and refreshes a heartbeat tag. A RUNNING run whose driver is gone
+(on this host: no process with that pid and start time; on another host: no heartbeat for a while)
+is marked KILLED with ``outcome=driver_lost``, and so are its RUNNING trial runs. `--resume` still
+finds a search run settled so, and reopens it and its trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Iterable
+
+from mlflow.tracking import MlflowClient
+
+from tuning import names as N
+from tuning.tracking import HEARTBEAT_SECONDS, pid_namespace, process_start_time, set_tags
+
+log = logging.getLogger(__name__)
+STALE_AFTER = 5 * HEARTBEAT_SECONDS  # another host's driver: silent this long means gone
+
+
+def driver_alive(tags: dict[str, str], now: float | None = None) -> bool:
+    """Whether the driver recorded in a run's tags still runs."""
+    if N.TAG_DRIVER_PID not in tags:
+        return True  # not ours to judge (a run from before these tags, or another tool's)
+    beat = float(tags.get(N.TAG_HEARTBEAT, "0") or 0)
+    silent = (now or time.time()) - beat
+    if tags.get(N.TAG_DRIVER_HOST) == socket.gethostname():
+        started = process_start_time(int(tags[N.TAG_DRIVER_PID]))
+        if started > 0 and abs(started - float(tags.get(N.TAG_DRIVER_STARTED, started))) < 2:
+            return True
+        if tags.get(N.TAG_DRIVER_PID_NS) and tags[N.TAG_DRIVER_PID_NS] == pid_namespace():
+            return False  # the same process ids as ours, and that process is gone: dead, however fresh its heartbeat
+        # Another pid namespace (a container sharing this hostname): a fresh heartbeat means alive.
+        return silent < 2 * HEARTBEAT_SECONDS
+    return silent < STALE_AFTER
+
+
+def settle_orphans(client: MlflowClient, experiment_id: str, keep: Iterable[str] = ()) -> list[str]:
+    """Mark KILLED (outcome driver_lost) the RUNNING runs of dead drivers and their RUNNING trials."""
+    keep = set(keep)
+    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
+    dead = {r.info.run_id for r in running
+            if r.data.tags.get(N.TAG_STAGE) != N.STAGE_TRIAL and r.info.run_id not in keep and not driver_alive(r.data.tags)}
+    settled = []
+    for r in running:
+        orphan = r.info.run_id in dead or (r.data.tags.get(N.TAG_STAGE) == N.STAGE_TRIAL and r.data.tags.get(N.TAG_PARENT) in dead)
+        if not orphan:
+            continue
+        try:
+            set_tags(client, r.info.run_id, {N.TAG_OUTCOME: N.OUTCOME_DRIVER_LOST})
+            client.set_terminated(r.info.run_id, "KILLED")
+            settled.append(r.info.run_id)
+        except Exception as exc:  # noqa: BLE001 - settling is best effort; the next command tries again
+            log.warning("run %s could not be settled: %s", r.info.run_id, exc)
+    if settled:
+        print(f"settled {len(settled)} run(s) left RUNNING by a driver that no longer runs (now KILLED, outcome "
+              f"{N.OUTCOME_DRIVER_LOST})")
+    return settled

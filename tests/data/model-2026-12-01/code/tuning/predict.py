@@ -1,0 +1,225 @@
+"""`python -m tuning.predict`: emotions of image files, folders, or a FER2013 source, from a registered model.
+
+    python -m tuning.predict face1.png faces/                      # the champion: models:/fer2013-cnn@champion
+    python -m tuning.predict test.csv --model models:/fer2013-cnn/3 --format csv --out predictions.csv
+    python -m tuning.predict ../shared/data/fer2013/fer2013-msambare.tar.gz   # its test images, with accuracy
+
+A FER2013 source (a .csv, .zip, .tar.gz, or a folder with train/ and test/ or the CSV) is read by the
+data layer; its test images (PublicTest and PrivateTest) are predicted and scored against their labels.
+A folder with test/<class>/ images and no train/ is labelled test images too, class folders mapped by
+name as the data layer maps them. Anything else is image files (folders recursively). Unreadable files
+and images beyond `fer_model.inputs.MAX_PIXELS` are skipped and counted; the rest are predicted in
+requests of at most `tuning.pyfunc.MAX_IMAGES` images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from fer_model.cli import Parser, run_cli
+from fer_model.config import CLASS_NAMES
+from fer_model.errors import ConfigError, UserError, first_line
+from tuning import flags
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL = "models:/fer2013-cnn@champion"
+_SOURCE_SUFFIXES = (".csv", ".csv.gz", ".zip", ".tar.gz", ".tgz", ".tar")
+_CSV_NAMES = {"fer2013.csv", "icml_face_data.csv", "fer2013.csv.gz"}
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m tuning.predict", description="Predict emotions with a registered model.")
+    p.add_argument("paths", nargs="+", help="image files, folders (recursively), or one FER2013 source")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model URI (default {DEFAULT_MODEL})")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default table)")
+    p.add_argument("--top-k", type=int, default=1, help="emotions per image, most likely first (default 1)")
+    p.add_argument("--out", help="write the predictions here instead of standard output")
+    p.add_argument("--cache-dir", help="decoded-data cache for a FER2013 source (default $FER2013_CACHE or ~/.cache/fer2013)")
+    flags.add_tracking_flags(p, model_name=False, experiment=False)
+    return p
+
+
+def is_fer_source(path: Path) -> bool:
+    name = path.name.lower()
+    if path.is_file():
+        return name.endswith(_SOURCE_SUFFIXES)
+    children = {c.name.lower() for c in path.iterdir()} if path.is_dir() else set()
+    return bool(children & {"train", "test", *_CSV_NAMES})
+
+
+def _child(folder: Path, name: str) -> Path | None:
+    """The entry of `folder` named `name` in any case (the data layer reads TEST/ as test/), or None."""
+    return next((c for c in folder.iterdir() if c.name.lower() == name), None)
+
+
+def is_test_folder(path: Path) -> bool:
+    """Whether `path` is a folder of labelled test images only: test/ but neither train/ nor a CSV."""
+    if not path.is_dir():
+        return False
+    children = {c.name.lower() for c in path.iterdir()}
+    return "test" in children and not children & {"train", *_CSV_NAMES}
+
+
+def read_test_folder(root: Path) -> tuple[list[str], list[bytes], "np.ndarray", "np.ndarray"]:
+    """(names, raw 48x48 bytes, labels, usage) of the images under ``root/test/<class>/``, decoded as
+    `read_images` decodes (unreadable ones skipped), placed by the data layer's rule (`_place`: class
+    folders by name, PublicTest/PrivateTest by file-name prefix) so scores match a full source's."""
+    import numpy as np
+
+    from fer_model import data as fdata
+
+    test = _child(root, "test")
+    placed = {}
+    for f in image_files([test]):
+        place = fdata._place(f.relative_to(root).as_posix())  # DataError naming an unknown class folder
+        if place is not None:
+            placed[str(f)] = place
+    names, blobs = read_images([Path(n) for n in placed])
+    labels = np.array([placed[n][0] for n in names], dtype=np.int64)
+    usage = np.array([placed[n][1] for n in names], dtype=np.int8)
+    return names, blobs, labels, usage
+
+
+def image_files(paths: Sequence[Path]) -> list[Path]:
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+        else:
+            files.append(path)
+    return files
+
+
+def read_images(files: Sequence[Path]) -> tuple[list[str], list[bytes]]:
+    """The readable files, decoded once, as the model's raw 48x48 input bytes; the others skipped
+    with one warning that names a few."""
+    from fer_model.inputs import ImageError, image_array
+
+    names, blobs, bad = [], [], []
+    for f in files:
+        try:
+            blobs.append(image_array(f.read_bytes()).tobytes())
+        except (OSError, ImageError) as exc:
+            bad.append(f"{f} ({first_line(exc)})")
+            continue
+        names.append(str(f))
+    if bad:
+        log.warning("skipped %d unreadable file(s): %s%s", len(bad), "; ".join(bad[:3]), " ..." if len(bad) > 3 else "")
+    return names, blobs
+
+
+def load_model(uri: str, tracking_uri: str):
+    import mlflow
+    import mlflow.pyfunc
+
+    # models:/ URIs resolve through the process-wide tracking URI (the registry follows it).
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except Exception as exc:  # noqa: BLE001 - MlflowException for unknown names, versions, aliases
+        hint = ("promote one with python -m tuning.promote (after python -m tuning.grid)" if "@" in uri
+                else "see the registered models in the MLflow UI")
+        raise UserError(f"cannot load model {uri} from {tracking_uri}: {first_line(exc)}; {hint}") from None
+
+
+
+def render(rows: list[dict], fmt: str, top_k: int) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=1)
+    head = ["input", "emotion", "probability"] + ([f"top{k}" for k in range(2, top_k + 1)])
+    lines = []
+    for r in rows:
+        top = r["top"]
+        cells = [r["input"], top[0][0], f"{top[0][1]:.4f}", *[f"{e} {p:.4f}" for e, p in top[1:]]]
+        lines.append(cells)
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(head + (["label"] if rows and "label" in rows[0] else []))
+        for r, cells in zip(rows, lines):
+            w.writerow(cells + ([r["label"]] if "label" in r else []))
+        return buf.getvalue().rstrip("\n")
+    width = max([len(c[0]) for c in lines] + [5])
+    out = [f"{'input':<{width}}  {'emotion':<9} {'p':>6}" + ("  next" if top_k > 1 else "")]
+    out += [f"{c[0]:<{width}}  {c[1]:<9} {c[2]:>6}" + ("  " + ", ".join(c[3:]) if c[3:] else "") for c in lines]
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.top_k < 1 or args.top_k > len(CLASS_NAMES):
+        raise ConfigError(f"--top-k must be within 1..{len(CLASS_NAMES)}, got {args.top_k}")
+    paths = [Path(p).expanduser() for p in args.paths]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise UserError(f"no such file or folder: {', '.join(missing)}")
+    sources = [p for p in paths if is_fer_source(p)]
+    if sources and len(paths) > 1:
+        raise ConfigError(f"a FER2013 source ({sources[0]}) is predicted on its own: pass it alone")
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).expanduser().resolve().parent.is_dir()):
+        raise UserError(f"--out {args.out}: not a file in an existing folder")
+    tracking_uri = flags.resolve_tracking_uri(args.tracking_uri)
+    flags.check_tracking(tracking_uri)
+
+    import numpy as np
+    import pandas as pd
+
+    from tuning.pyfunc import EMOTION, IMAGE_COLUMN, MAX_IMAGES, PROB_COLUMNS
+
+    labels = usage = None
+    if sources and is_test_folder(sources[0]):
+        names, blobs, labels, usage = read_test_folder(sources[0])
+    elif sources:
+        from fer_model import data as fdata
+
+        raw, _ = fdata.read_cached(sources[0], args.cache_dir)
+        test = np.isin(raw.usage, [fdata.PUBLIC_TEST, fdata.PRIVATE_TEST, fdata.TEST_UNKNOWN_HALF])
+        images, labels, usage = raw.images[test], raw.labels[test], raw.usage[test]
+        names = [f"{sources[0].name}#{i}" for i in np.flatnonzero(test)]
+        blobs = [img.tobytes() for img in images]  # raw 48x48 grey levels: the model's other input form
+    else:
+        names, blobs = read_images(image_files(paths))
+    if not blobs:
+        raise UserError("no readable images to predict")
+    model = load_model(args.model, tracking_uri)
+    try:
+        # The model refuses requests of more than MAX_IMAGES images; a FER2013 test set holds 7,178.
+        frame = pd.concat([model.predict(pd.DataFrame({IMAGE_COLUMN: blobs[i:i + MAX_IMAGES]}))
+                           for i in range(0, len(blobs), MAX_IMAGES)], ignore_index=True)
+        probs = frame[PROB_COLUMNS].to_numpy()
+    except Exception as exc:  # noqa: BLE001 - a model that is not this project's image pyfunc
+        raise UserError(f"model {args.model} does not take an {IMAGE_COLUMN!r} column and return "
+                        f"{', '.join(PROB_COLUMNS[:2])}, ...: {first_line(exc)}") from None
+    order = np.argsort(-probs, axis=1)[:, :args.top_k]
+    rows = []
+    for i, name in enumerate(names):
+        row = {"input": name, "emotion": frame[EMOTION].iloc[i],
+               "top": [(CLASS_NAMES[j], float(probs[i, j])) for j in order[i]]}
+        if labels is not None:
+            row["label"] = CLASS_NAMES[int(labels[i])]
+        rows.append(row)
+    text = render(rows, args.format, args.top_k)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"{len(rows)} predictions written to {args.out}")
+    else:
+        print(text)
+    if labels is not None:
+        from fer_model.evaluate import describe_test, evaluate_probabilities
+
+        ev = evaluate_probabilities(probs, labels.astype(np.int64), usage)
+        stream = sys.stderr if args.format != "table" and not args.out else sys.stdout  # keep csv/json output parseable
+        print(f"\n{len(rows)} labelled test images: {describe_test(ev.metrics)}\n{ev.report_text}", file=stream)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
