@@ -8,7 +8,7 @@ time, the aggregate training images per second (every trial's epochs summed over
 wall), the peak GPU memory of a trial as torch's allocator counts it (`gpu_peak_memory_mb`), and the
 most GPU memory in use while the grid ran (nvidia-smi: every process, CUDA contexts included). Last,
 the share `--gpus-per-trial` would default to on this GPU, from the estimate and from the peak measured
-(`tuning.gpu_shares`).
+(`tuning.trials.gpu_shares`).
 
 The trials train `--epochs` epochs (default 2: the aggregate rate is steady from the first epoch on,
 and 4 grids of the study's 10 epochs would not fit in 10 minutes); the study's whole protocol is
@@ -29,14 +29,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.pipeline import DEFAULT_DATA, read_phases, run_command  # noqa: E402
-from tuning import phases as P  # noqa: E402
+from tuning.trials import phases as P  # noqa: E402
 
 DEFAULT_SHARES = "1,0.5,0.25,0.125"
 GRID_TRIALS = 9  # the study's grid: 3 dropouts x 3 learning rates
@@ -128,7 +127,7 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         sys.exit("error: no CUDA GPU here (torch.cuda.is_available() is False); this benchmark measures GPU packing")
-    from tuning.gpu_shares import TRIAL_PEAK_MB, gpu_memory_here, share_for_memory
+    from tuning.trials.gpu_shares import TRIAL_PEAK_MB, gpu_memory_here, share_for_memory
 
     gpu_mb = gpu_memory_here([0]) or torch.cuda.get_device_properties(0).total_memory / 2**20
     env = {"gpu": torch.cuda.get_device_name(0), "gpu_memory_mb": gpu_mb, "torch": torch.__version__, "epochs": args.epochs}
@@ -155,7 +154,7 @@ def main() -> None:
                 in_use = sampler.stop()
             rate, peak = stage_images_per_second(uri)
         per_gpu = round(1 / share)
-        # What one trial's process holds (context and allocator cache included): tuning.gpu_shares.TRIAL_FOOTPRINT_MB's measure.
+        # What one trial's process holds (context and allocator cache included): tuning.trials.gpu_shares.TRIAL_FOOTPRINT_MB's measure.
         footprint = (in_use - idle) / min(per_gpu, GRID_TRIALS)
         result["rows"].append({"gpus_per_trial": share, "trials_per_gpu": per_gpu, "wall_s": wall, "images_per_s": rate,
                                "peak_mb_per_trial": peak, "gpu_in_use_peak_mb": in_use, "gpu_in_use_idle_mb": idle,

@@ -1,7 +1,7 @@
 """Where a tuning command's wall time goes, and what Ray Tune costs over training alone.
 
 Runs `python -m tuning.grid ARGS` end to end as a user would (its own process, a fresh MLflow
-store, a fresh data cache unless --warm-cache), reads the phase timings it logs (`tuning.phases`)
+store, a fresh data cache unless --warm-cache), reads the phase timings it logs (`tuning.trials.phases`)
 back from MLflow, and prints each phase's seconds and share of the command's wall time. Then,
 unless --no-sequential, it trains the same grid's trials one after another as plain `fit` calls in
 this process, each with the trials' thread count, and prints the tuning overhead:
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from benchmarks.machine import cpu_flags  # noqa: E402
-from tuning import phases as P  # noqa: E402
+from tuning.trials import phases as P  # noqa: E402
 
 DEFAULT_DATA = os.environ.get("FER2013_DATA") or str(REPO.parent / "shared/data/fer2013/fer2013-msambare.tar.gz")
 # Rows of the breakdown, in the order a command runs them.
@@ -53,7 +53,7 @@ def run_command(grid_args: list[str], tmp: Path, warm_cache: bool, timeout: floa
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:  # its process group's Ray is reaped by the next command (tuning.runner)
+    except subprocess.TimeoutExpired as exc:  # its process group's Ray is reaped by the next command (tuning.trials.runner)
         out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         sys.exit(f"tuning.grid did not finish within {timeout:.0f} s:\n{out[-3000:]}")
     wall = time.perf_counter() - t0
@@ -67,7 +67,7 @@ def read_phases(uri: str) -> dict[str, object]:
     from mlflow.tracking import MlflowClient
 
     from tuning import names as N
-    from tuning.trainable import TAG_GPU_SHARE
+    from tuning.names import TAG_GPU_SHARE
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(N.DEFAULT_EXPERIMENT)
@@ -99,13 +99,9 @@ def trials_at_once(found: dict[str, object], trials: int, cpus_per_trial: float,
 def parse_grid_args(grid_args: list[str]) -> argparse.Namespace:
     """`tuning.grid`'s own parse of the arguments (its --quick preset applied), so the reference trains
     exactly the trials the command ran, on the resources it gave them."""
-    from tuning import flags
-    from tuning.grid import QUICK, build_parser
+    from tuning.grid import parse_args
 
-    args = build_parser().parse_args(grid_args)
-    if args.quick:
-        flags.apply_preset(args, QUICK)
-    return args
+    return parse_args(grid_args)[0]
 
 
 def sequential_fit_seconds(args: argparse.Namespace, threads: int) -> tuple[float, list[float]]:
@@ -115,7 +111,7 @@ def sequential_fit_seconds(args: argparse.Namespace, threads: int) -> tuple[floa
     from fer_model.config import TrainConfig
     from fer_model.data import load
     from fer_model.training import fit
-    from tuning import flags
+    from tuning import options as flags
     from tuning.grid import grid_inputs
 
     inputs = grid_inputs(args)

@@ -149,7 +149,7 @@ def _free_port() -> int:
 
 
 # Several nodes on one machine need Ray's cluster mode on (a stage's own local Ray turns it off to
-# stay on loopback; see tuning.flags.keep_local_ray_on_loopback): nodes and clients set it.
+# stay on loopback; see tuning.options.keep_local_ray_on_loopback): nodes and clients set it.
 MULTI_NODE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
 
 

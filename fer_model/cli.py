@@ -140,7 +140,7 @@ def sigterm_as_ctrl_c() -> None:
     """SIGTERM (`kill`, a scheduler's stop, `timeout`) is handled as Ctrl-C: Ray Tune saves its state,
     runs are marked KILLED and the message says what resumes them, instead of a silent death that
     leaves runs RUNNING until the next command settles them. ray.init replaces it (with a sys.exit
-    that aborts the process mid-Tune): `tuning.runner` sets it again after ray.init. It also sets
+    that aborts the process mid-Tune): `tuning.trials.runner` sets it again after ray.init. It also sets
     `STOPPING` and runs the `on_stop` hooks first."""
     import os
     import signal

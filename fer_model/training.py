@@ -12,6 +12,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -38,7 +39,16 @@ STEP_EPOCHS, STEP_GAMMA = 7, 0.1
 # in a 15-epoch run, where a longer one would act once at most, and halving (rather than x0.1) costs
 # little when a single noisy validation epoch triggers it.
 PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 2
-STATUS_COMPLETED, STATUS_DIVERGED, STATUS_STOPPED = "completed", "diverged", "stopped"
+class FitStatus(str, Enum):
+    """How `fit` ended, decided here once. Its values are `tuning.names.Outcome`'s (a trial's outcome is its
+    fit's status, unless the trial failed or its driver died), so the tuning side converts by value."""
+
+    COMPLETED = "completed"
+    DIVERGED = "diverged"  # the training loss stopped being finite: training ends at that epoch
+    STOPPED_EARLY = "stopped_early"  # the per-epoch callback asked to stop
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -48,6 +58,7 @@ class EpochResult:
     epoch: int
     metrics: dict[str, float]
     state: Callable[[], dict[str, Any]] = field(repr=False)  # the full training state (see `save_checkpoint`)
+    diverged: bool = False  # this epoch's loss is not finite: `fit` ends here with FitStatus.DIVERGED
 
 
 @dataclass
@@ -56,7 +67,7 @@ class FitResult:
 
     model: nn.Module  # the weights of epoch `model_epoch`
     history: list[dict[str, float]]
-    status: str
+    status: FitStatus
     config: TrainConfig
     best_epoch: int = 0  # 1-based epoch of the highest validation accuracy in `history` (0: none)
     model_epoch: int = 0  # the last epoch; with `fit(keep_best=True)`, the best one (see `fit`)
@@ -239,7 +250,7 @@ def fit(cfg: TrainConfig, data: FerData, on_epoch: EpochCallback | None = None,
             out["best"] = best
         return out
 
-    status = STATUS_COMPLETED
+    status = FitStatus.COMPLETED
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         lr_now = optimizer.param_groups[0]["lr"]
@@ -256,12 +267,12 @@ def fit(cfg: TrainConfig, data: FerData, on_epoch: EpochCallback | None = None,
         if cfg.schedule == "plateau" and plateau.step(val_acc):
             _reapply_lr(optimizer, scheduler)  # the next epoch's first step already uses the cut lr
         diverged = not math.isfinite(train_loss)
-        stop = on_epoch(EpochResult(epoch + 1, dict(row), lambda e=epoch + 1: state(e))) if on_epoch else None
+        stop = on_epoch(EpochResult(epoch + 1, dict(row), lambda e=epoch + 1: state(e), diverged)) if on_epoch else None
         if diverged:
-            status = STATUS_DIVERGED
+            status = FitStatus.DIVERGED
             break
         if stop:
-            status = STATUS_STOPPED
+            status = FitStatus.STOPPED_EARLY
             break
     model_epoch = len(history)
     if best is not None:

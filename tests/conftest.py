@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # one, never the user's ~/.cache/fer2013. Each test still gets its own (`_isolated_cache`).
 os.environ["FER2013_CACHE"] = tempfile.mkdtemp(prefix="fer-test-cache-")
 atexit.register(shutil.rmtree, os.environ["FER2013_CACHE"], ignore_errors=True)
-# The same for what the project keeps under the user's cache folder (tuning.runner's records of the
+# The same for what the project keeps under the user's cache folder (tuning.trials.runner's records of the
 # local Rays its drivers started): the suite's own, never the user's ~/.cache.
 os.environ["XDG_CACHE_HOME"] = os.path.join(os.environ["FER2013_CACHE"], "xdg")
 

@@ -11,27 +11,27 @@ import sys
 from typing import Sequence
 
 from fer_model.cli import Parser, run_cli
-from tuning import flags
+from tuning import options
 
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m tuning.final", description="Retrain, evaluate and register the best configuration of a finished grid or search run.")
     p.add_argument("--run-id", required=True, help="the grid or search parent run")
-    flags.add_data_flags(p)
-    flags.add_tracking_flags(p, experiment=False)  # the final run goes beside its source run
-    flags.add_final_flags(p, optional=False)
+    options.add_data_flags(p)
+    options.add_tracking_flags(p, experiment=False)  # the final run goes beside its source run
+    options.add_final_flags(p, optional=False)
     return p
 
 
-def options(args) -> flags.CommonOptions:
+def command_options(args) -> options.CommonOptions:
     """The validated flags (no cluster: the final stage trains in this process)."""
-    return flags.CommonOptions(flags.data_config(args), flags.tracking_options(args), flags.ClusterOptions(),
-                               flags.final_options(args))
+    return options.CommonOptions(options.data_config(args), options.tracking_options(args), options.ClusterOptions(),
+                               options.final_options(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    opts = options(args)
+    opts = command_options(args)
     from tuning import pipeline
 
     pipeline.retrain(opts, args.run_id)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 from fer_model.cli import Parser, given, run_cli
 from fer_model.config import OPTIMIZERS
 from fer_model.errors import ConfigError
-from tuning import flags
+from tuning import options
 from tuning.spaces import GRID_FIXED, STUDY_GRID
 
 if TYPE_CHECKING:
@@ -27,21 +27,13 @@ if TYPE_CHECKING:
 # (25.0%); 2 epochs of 720 images leave all nine at 25.0% (benchmarks/RESULTS.md, "--quick").
 QUICK = {"max_samples": 3000, "epochs": 2, "final_epochs": 2}
 FIXED_FLAGS = ("batch_size", "optimizer", "epochs", "schedule", "seed")
-CHAIN_FLAGS = ("search_epochs", "search_scheduler", "search_grace_period", "search_reduction_factor", "space",
-               "time_budget", "optuna_storage", "study_name", "search_seed")  # the search after the grid
 # What a resumed grid keeps: argparse dest -> (flag, key in its stored inputs and chain).
 RESUME_KEYS = {
     **{d: (f"--{d.replace('_', '-')}", f"inputs.fixed.{d}") for d in FIXED_FLAGS},
     "dropouts": ("--dropouts", "inputs.dropouts"), "lrs": ("--lrs", "inputs.lrs"),
-    "grid_scheduler": ("--scheduler", "inputs.scheduler.kind"),
-    "grid_grace_period": ("--grace-period", "inputs.scheduler.grace_period"),
-    "grid_reduction_factor": ("--reduction-factor", "inputs.scheduler.reduction_factor"),
-    "search_trials": ("--search-trials", "chain.search.trials"),
-    **{d: (f"--{d.replace('_', '-')}", f"chain.search.{k}") for d, k in (
-        ("search_epochs", "epochs"), ("space", "space"), ("time_budget", "time_budget"),
-        ("optuna_storage", "storage_url"), ("study_name", "study_name"), ("search_seed", "sampler_seed"),
-        ("search_scheduler", "scheduler.kind"), ("search_grace_period", "scheduler.grace_period"),
-        ("search_reduction_factor", "scheduler.reduction_factor"))},
+    **{f"grid_{dest}": (f"--{dest.replace('_', '-')}", f"inputs.scheduler.{key}") for dest, key in (
+        ("scheduler", "kind"), ("grace_period", "grace_period"), ("reduction_factor", "reduction_factor"))},
+    **options.search_resume_keys(in_grid=True),  # the search after the grid: declared on SearchOptions
     "final_epochs": ("--final-epochs", "chain.final.epochs"), "no_final": ("--no-final", "chain.final.enabled"),
     "device": ("--device", "chain.final.device"), "promote": ("--promote", "chain.final.promote"),
     "tta": ("--tta", "chain.final.tta"), "ensemble": ("--ensemble", "chain.final.ensemble"),
@@ -59,16 +51,14 @@ def build_parser() -> Parser:
     g.add_argument("--epochs", type=int, help=f"epochs per trial (default {GRID_FIXED['epochs']})")
     g.add_argument("--schedule", help=f"lr schedule (default {GRID_FIXED['schedule']}, the study's StepLR(7, 0.1))")
     g.add_argument("--seed", type=int, help="training seed of every trial (default 0)")
-    flags.add_scheduler_flags(g, "", "grid_", "none", "grid")
+    options.add_scheduler_flags(g, "", "grid_", "none", "grid")
     g.add_argument("--quick", action="store_true",
                    help=f"a small, fast run of the whole pipeline ({', '.join(f'{k}={v}' for k, v in QUICK.items())}; flags override)")
-    g.add_argument("--search-trials", type=int,
-                   help="then run this many Optuna search trials started from the grid's best, and one final stage")
     g.add_argument("--resume", action="store_true", default=None,
                    help="continue the latest interrupted grid (and its search and final stage) where it stopped; "
                         "flags given again must have the values it started with")
-    flags.add_search_flags(p, in_grid=True)
-    flags.add_common_flags(p)
+    options.add_search_flags(p, in_grid=True)
+    options.add_common_flags(p)
     return p
 
 
@@ -77,35 +67,40 @@ def grid_inputs(args: argparse.Namespace) -> "GridInputs":
     from tuning.stages.grid import GridInputs  # after the flags: --help and bad flags answer at once
 
     fixed = {**GRID_FIXED, "seed": 0, **given(args, FIXED_FLAGS)}
-    return GridInputs(fixed, flags.floats(args.dropouts) if args.dropouts else list(STUDY_GRID["dropout"]),
-                      flags.floats(args.lrs) if args.lrs else list(STUDY_GRID["lr"]),
-                      flags.scheduler_settings(args, "grid_", "none"))
+    return GridInputs(fixed, options.floats(args.dropouts) if args.dropouts else list(STUDY_GRID["dropout"]),
+                      options.floats(args.lrs) if args.lrs else list(STUDY_GRID["lr"]),
+                      options.scheduler_settings(args, "grid_", "none"))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """(the flags with --quick's preset filled in where not given, the flags as typed)."""
+    parser = build_parser()
+    typed = args = parser.parse_args(argv)
+    if typed.quick:
+        parser.set_defaults(**QUICK)  # given flags win
+        args = parser.parse_args(argv)
+    return args, typed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        flags.apply_preset(args, QUICK)
-    opts = flags.common_options(args, trial_epochs=args.epochs or GRID_FIXED["epochs"])
-    flags.keep_local_ray_on_loopback(opts.cluster)  # before ray is imported
+    args, typed = parse_args(argv)
+    opts = options.common_options(args, trial_epochs=args.epochs or GRID_FIXED["epochs"], typed=typed)
+    options.keep_local_ray_on_loopback(opts.cluster)  # before ray is imported
     inputs = grid_inputs(args)
     fixed = inputs.fixed
     then = None
-    chain = [f"--{d.replace('_', '-')}" for d in CHAIN_FLAGS if getattr(args, d) is not None]
+    chain = [options.search_resume_keys(in_grid=True)[d][0] for d in options.CHAIN_DESTS if getattr(args, d) is not None]
     if chain and args.search_trials is None:
         raise ConfigError(f"{', '.join(chain)} only apply with --search-trials")
     if args.search_trials is not None:
-        if args.search_trials < 1:
-            raise ConfigError(f"--search-trials must be >= 1, got {args.search_trials}")
-        then = flags.search_options(args, opts.tracking.uri, trials=args.search_trials, train_seed=fixed["seed"])
+        then = options.search_options(args, opts.tracking.uri, train_seed=fixed["seed"], in_grid=True)
     from tuning import pipeline
-    from tuning.resume import given_flags
 
     # Ctrl-C or a crash: the same command with --resume continues it (same values are accepted).
     argv = list(sys.argv[1:] if argv is None else argv)
     again = shlex.join(["python", "-m", "tuning.grid", *argv, *([] if args.resume else ["--resume"])])
     if args.resume:
-        pipeline.resume_grid(opts, inputs, then, given_flags(args, RESUME_KEYS), again)
+        pipeline.resume_grid(opts, inputs, then, options.given_flags(args, RESUME_KEYS), again)
     else:
         pipeline.tune_grid(opts, inputs, then, again)
     return 0

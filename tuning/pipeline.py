@@ -1,7 +1,7 @@
 """The driver: loads the data once, opens every MLflow run and owns its status, and composes the
 stages (grid -> search -> final -> register) for `tuning.grid`, `tuning.search` and `tuning.final`.
 
-Flags become typed options (`tuning.flags`); options become each stage's inputs; each stage returns
+Flags become typed options (`tuning.options`); options become each stage's inputs; each stage returns
 a typed result; the next stage is built from it. A run's status is set in one place only
 (`tracking.tracked_run`): FINISHED on success, KILLED on Ctrl-C, FAILED on an error.
 """
@@ -25,27 +25,41 @@ from fer_model.errors import UserError, first_line, storage_error
 from fer_model.evaluate import describe_test
 from fer_model.presets import STUDY_TEST_ACC
 from tuning import names as N
-from tuning import describe, phases, report, resume
-from tuning.outcomes import StoreUnavailable, TrialRow, ensemble_candidates, trial_rows
-from tuning.resume import to_json
-from tuning.orphans import settle_orphans
-from tuning.flags import ENSEMBLE_AUTO, LATEST_GRID, CommonOptions, FinalOptions, SearchOptions
-from tuning.stages import StageContext, StageResult
+from tuning.reporting import describe, report
+from tuning.trials import phases
+from tuning.stages import resume
+from tuning.trials.callbacks import StoreUnavailable
+from tuning.trials.rows import TrialRow, ensemble_candidates, trial_rows
+from tuning.stages.resume import to_json
+from tuning.tracking.liveness import settle_orphans
+from tuning.options import ENSEMBLE_AUTO, LATEST_GRID, CommonOptions, FinalOptions, SearchOptions
+from tuning.stages.context import StageContext, StageResult
 from tuning.stages import final as final_stage
 from tuning.stages import grid as grid_stage
 from tuning.stages import register as register_step
 from tuning.stages import search as search_stage
 from tuning.stages.final import FinalInputs, FinalResult
 from tuning.stages.grid import GridInputs
-from tuning.tracking import (bound_driver_retries, client_for, create_run, ensure_experiment, latest_stage_run, log_metrics,
-                             read_best_config, set_tags, tracked_run, unreachable)
+from tuning.tracking.store import (bound_driver_retries,
+    client_for,
+    create_run,
+    ensure_experiment,
+    latest_stage_run,
+    log_metrics,
+    read_best_config,
+    set_tags,
+    tracked_run,
+    unreachable)
+from tuning.trials.head_watch import watch_head
+from tuning.trials.runner import cluster_params, cluster_resources, gcs_address, gpu_share, ray_session
+from tuning.registry import promotion
 
 
 @contextmanager
 def session(opts: CommonOptions, with_ray: bool = True, experiment_id: str | None = None,
             continue_with: str = "") -> Iterator[StageContext]:
     """The data (loaded once), the experiment (`opts`', or the given id), and Ray (joined or started;
-    a joined cluster's head is watched: `tuning.head_watch`, whose line names `continue_with`)."""
+    a joined cluster's head is watched: `tuning.trials.head_watch`, whose line names `continue_with`)."""
     with phases.DRIVER.time(phases.DATA_LOAD):
         data = fdata.load(opts.data)
     print(f"data: {fdata.describe(data)}")
@@ -53,8 +67,6 @@ def session(opts: CommonOptions, with_ray: bool = True, experiment_id: str | Non
     experiment_id = experiment_id or ensure_experiment(client, opts.tracking.experiment)
     settle_orphans(client, experiment_id)  # no stale RUNNING run survives the next command
     if with_ray:
-        from tuning.runner import ray_session
-
         ray = ray_session(opts.cluster, opts.tracking.uri)
     else:
         ray = nullcontext()
@@ -62,11 +74,7 @@ def session(opts: CommonOptions, with_ray: bool = True, experiment_id: str | Non
         stop = threading.Event()
         # Not through Ray Client (ray://): its GCS address is the server's own view, often unreachable here.
         if with_ray and opts.cluster.address and not opts.cluster.address.startswith("ray://") and continue_with:
-            import ray as ray_api
-
-            from tuning.head_watch import watch_head
-
-            watch_head(ray_api.get_runtime_context().gcs_address, continue_with, stop)
+            watch_head(gcs_address(), continue_with, stop)
         try:
             yield StageContext(client, experiment_id, opts.tracking, opts.cluster, opts.data, data)
         finally:
@@ -90,9 +98,7 @@ def grid(ctx: StageContext, inputs: GridInputs, run_id: str, restore_path: str |
 
 def new_grid_run(ctx: StageContext, inputs: GridInputs, chain: "Chain") -> str:
     """A grid run recording what a --resume needs: its inputs, its chain, where Tune keeps its state."""
-    from tuning.runner import cluster_params
-
-    run_id = create_run(ctx.client, ctx.experiment_id, describe.stage_run_name(N.STAGE_GRID, len(inputs.dropouts) * len(inputs.lrs)),
+    run_id = create_run(ctx.client, ctx.experiment_id, N.stage_run_name(N.STAGE_GRID, len(inputs.dropouts) * len(inputs.lrs)),
                         {N.TAG_STAGE: N.STAGE_GRID, N.TAG_STAGE_INPUTS: to_json(inputs.to_dict()), N.TAG_CHAIN: to_json(chain.to_dict())},
                         {**grid_stage.params(ctx, inputs), **cluster_params()})
     set_tags(ctx.client, run_id, {N.TAG_TUNE_PATH: grid_stage.tune_path(ctx, run_id)})
@@ -102,14 +108,12 @@ def new_grid_run(ctx: StageContext, inputs: GridInputs, chain: "Chain") -> str:
 def search(ctx: StageContext, options: SearchOptions, start_config: dict[str, Any] | None,
            chained_from: str | None = None, then: str = "") -> StageResult:
     """A new search (or, with `options.resume`, the interrupted one) in its own run."""
-    from tuning.runner import cluster_params
-
     plan = search_stage.plan(ctx, options, start_config)
     tags = {**plan.tags(), N.TAG_TUNE_PATH: search_stage.tune_path(ctx, plan),
             N.TAG_STAGE_INPUTS: to_json(search_stage.stored_inputs(ctx, plan.options))}
     if chained_from:
         tags[N.TAG_CHAINED_FROM] = chained_from
-    run_id = plan.run_id or create_run(ctx.client, ctx.experiment_id, describe.stage_run_name(N.STAGE_SEARCH, plan.options.trials), tags,
+    run_id = plan.run_id or create_run(ctx.client, ctx.experiment_id, N.stage_run_name(N.STAGE_SEARCH, plan.options.trials), tags,
                                        {**search_stage.params(ctx, plan), **cluster_params()})
     o = plan.options
     asha = f", ASHA grace {o.scheduler.grace_period} rf {o.scheduler.reduction_factor:g}" if o.scheduler.kind == "asha" else ""
@@ -125,11 +129,7 @@ def search(ctx: StageContext, options: SearchOptions, start_config: dict[str, An
 def plan_line(ctx: StageContext, what: str, trials: int, then: str = "") -> str:
     """What a stage is about to do, said before it starts: trials x epochs, how many at once on what,
     what follows, where the results go."""
-    import ray
-
-    from tuning.runner import gpu_share
-
-    total, share, c = ray.cluster_resources(), gpu_share(ctx.cluster), ctx.cluster
+    total, share, c = cluster_resources(), gpu_share(ctx.cluster), ctx.cluster
     fits = [trials, max(int(total.get("CPU", 0) // c.cpus_per_trial), 1)]
     if share:
         fits.append(max(int(total.get("GPU", 0) // share), 1))
@@ -187,7 +187,7 @@ def final(ctx: StageContext, options: FinalOptions, source_run_id: str, best_con
                 version = register_step.register(ctx, result)
         except Exception:  # a FAILED final run says error, not the training's "completed"
             try:
-                set_tags(ctx.client, run_id, {N.TAG_OUTCOME: N.OUTCOME_ERROR})
+                set_tags(ctx.client, run_id, {N.TAG_OUTCOME: N.Outcome.ERROR})
             except Exception:  # noqa: BLE001 - the store may be what failed
                 pass
             drop_partial_model(ctx, run_id)
@@ -201,10 +201,8 @@ def final(ctx: StageContext, options: FinalOptions, source_run_id: str, best_con
 
 def promote_version(ctx: StageContext, version: ModelVersion) -> None:
     """--promote: the guarded promotion of `version`, its decision printed."""
-    from tuning import registry
-
-    req = registry.PromotionRequest(ctx.tracking.model_name, version.version)
-    print(f"promotion: {registry.promote(ctx.client, req).describe(req)}")
+    req = promotion.PromotionRequest(ctx.tracking.model_name, version.version)
+    print(f"promotion: {promotion.promote(ctx.client, req).describe(req)}")
 
 
 def drop_partial_model(ctx: StageContext, run_id: str) -> None:
@@ -355,7 +353,7 @@ def _finished_stage(ctx: StageContext, run) -> StageResult:
     """A stage that finished in an earlier command: its recorded best, for the stages after it."""
     tags = run.data.tags
     print(f"{tags[N.TAG_STAGE]} run {run.info.run_id} finished before: its best is kept")
-    best = TrialRow("", read_best_config(ctx.client, run.info.run_id), N.OUTCOME_COMPLETED,
+    best = TrialRow("", read_best_config(ctx.client, run.info.run_id), N.Outcome.COMPLETED,
                     run_id=tags.get(N.TAG_BEST_TRIAL_RUN) or None)
     return StageResult(tags[N.TAG_STAGE], run.info.run_id, [best], best, tags.get(N.TAG_STUDY))
 
@@ -373,7 +371,7 @@ def _final_done(ctx: StageContext, source_run_id: str) -> bool | ModelVersion:
         versions = [v for v in ctx.client.search_model_versions(f"run_id = '{run.info.run_id}'")
                     if v.status == "READY"]
         if versions:
-            set_tags(ctx.client, run.info.run_id, {N.TAG_OUTCOME: N.OUTCOME_COMPLETED})
+            set_tags(ctx.client, run.info.run_id, {N.TAG_OUTCOME: N.Outcome.COMPLETED})
             ctx.client.set_terminated(run.info.run_id, "FINISHED")
             print(f"final run {run.info.run_id} ({run.info.status.lower()}) had registered {versions[0].name} version "
                   f"{versions[0].version} before its driver stopped: adopted, not retrained")

@@ -18,12 +18,15 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from fer_model.cli import Parser, run_cli
 from fer_model.config import CLASS_NAMES
 from fer_model.errors import ConfigError, UserError, first_line
-from tuning import flags
+from tuning import options
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "models:/fer2013-cnn@champion"
@@ -40,7 +43,7 @@ def build_parser() -> Parser:
     p.add_argument("--top-k", type=int, default=1, help="emotions per image, most likely first (default 1)")
     p.add_argument("--out", help="write the predictions here instead of standard output")
     p.add_argument("--cache-dir", help="decoded-data cache for a FER2013 source (default $FER2013_CACHE or ~/.cache/fer2013)")
-    flags.add_tracking_flags(p, model_name=False, experiment=False)
+    options.add_tracking_flags(p, model_name=False, experiment=False)
     return p
 
 
@@ -166,13 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"a FER2013 source ({sources[0]}) is predicted on its own: pass it alone")
     if args.out and (Path(args.out).is_dir() or not Path(args.out).expanduser().resolve().parent.is_dir()):
         raise UserError(f"--out {args.out}: not a file in an existing folder")
-    tracking_uri = flags.resolve_tracking_uri(args.tracking_uri)
-    flags.check_tracking(tracking_uri)
+    tracking_uri = options.resolve_tracking_uri(args.tracking_uri)
+    options.check_tracking(tracking_uri)
 
     import numpy as np
     import pandas as pd
 
-    from tuning.pyfunc import EMOTION, IMAGE_COLUMN, MAX_IMAGES, PROB_COLUMNS
+    from tuning.registry.pyfunc import EMOTION, IMAGE_COLUMN, MAX_IMAGES, PROB_COLUMNS
 
     labels = usage = None
     if sources and is_test_folder(sources[0]):

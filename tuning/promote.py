@@ -23,7 +23,7 @@ from typing import Sequence
 
 from fer_model.cli import Parser, run_cli
 from fer_model.errors import ConfigError
-from tuning import flags
+from tuning import options
 
 EXIT_CODES = __doc__[__doc__.index("Exit codes"):]
 
@@ -39,7 +39,7 @@ def build_parser() -> Parser:
     p.add_argument("--force", action="store_true", help="promote even if not better, scored on other test data, or from a run that did not finish")
     p.add_argument("--dry-run", action="store_true", help="say what would happen; change nothing")
     p.add_argument("--rollback", action="store_true", help="give the alias back to the version it replaced (its previous alias)")
-    flags.add_tracking_flags(p, experiment=False)
+    options.add_tracking_flags(p, experiment=False)
     return p
 
 
@@ -49,22 +49,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"--min-delta must be >= 0, got {args.min_delta}")
     if args.rollback and (args.version or args.force or args.min_delta):
         raise ConfigError("--rollback takes no --version, --force or --min-delta")
-    tracking = flags.tracking_options(args)
-    from tuning import registry
-    from tuning.tracking import client_for
+    tracking = options.tracking_options(args)
+    from tuning.registry import promotion
+    from tuning.tracking.store import client_for
 
-    registry.check_alias(args.alias)
+    promotion.check_alias(args.alias)
     client = client_for(tracking.uri)
     if args.rollback:
-        was, now = registry.rollback(client, tracking.model_name, args.alias, args.dry_run)
+        was, now = promotion.rollback(client, tracking.model_name, args.alias, args.dry_run)
         verb = "would move" if args.dry_run else "moved"
         print(f"{tracking.model_name}: {args.alias} {verb} from version {was} back to version {now}")
         return 0
-    req = registry.PromotionRequest(tracking.model_name, args.version, args.alias, args.metric, args.min_delta,
+    req = promotion.PromotionRequest(tracking.model_name, args.version, args.alias, args.metric, args.min_delta,
                                     args.force, args.dry_run)
-    decision = registry.promote(client, req)
+    decision = promotion.promote(client, req)
     print(f"{tracking.model_name}: {decision.describe(req)}")
-    return 0 if decision.promote else registry.NOT_PROMOTED
+    return 0 if decision.promote else promotion.NOT_PROMOTED
 
 
 if __name__ == "__main__":

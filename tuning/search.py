@@ -14,23 +14,23 @@ import sys
 from typing import Sequence
 
 from fer_model.cli import Parser, run_cli
-from tuning import flags
+from tuning import options
 
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m tuning.search",
                description="Optuna search over batch size, optimizer, lr, dropout and weight decay on Ray Tune, tracked in MLflow.")
-    flags.add_search_flags(p)
+    options.add_search_flags(p)
     p.add_argument("--seed", type=int, help="training seed of every trial (default 0)")
-    flags.add_common_flags(p)
+    options.add_common_flags(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    opts = flags.common_options(args, trial_epochs=flags.search_epochs(args))
-    flags.keep_local_ray_on_loopback(opts.cluster)  # before ray is imported
-    options = flags.search_options(args, opts.tracking.uri, train_seed=args.seed or 0)
+    opts = options.common_options(args, trial_epochs=options.search_epochs(args))
+    options.keep_local_ray_on_loopback(opts.cluster)  # before ray is imported
+    search = options.search_options(args, opts.tracking.uri, train_seed=args.seed or 0)
     from tuning import pipeline  # after the flags: --help and bad flags answer at once
 
     # Ctrl-C or a crash: the same command with --resume continues it (a resumed search keeps its start).
@@ -38,8 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--start-from" in argv:
         i = argv.index("--start-from")
         del argv[i:i + 2]
-    again = shlex.join(["python", "-m", "tuning.search", *argv, *([] if options.resume else ["--resume"])])
-    pipeline.tune_search(opts, options, again)
+    again = shlex.join(["python", "-m", "tuning.search", *argv, *([] if search.resume else ["--resume"])])
+    pipeline.tune_search(opts, search, again)
     return 0
 
 

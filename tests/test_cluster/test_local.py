@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from cluster import local
 from tuning import names as N
-from tuning.trainable import TAG_NODE_ID, TAG_RESUMED_FROM
+from tuning.names import TAG_NODE_ID, TAG_RESUMED_FROM
 
 
 def _alive(pid: int) -> bool:

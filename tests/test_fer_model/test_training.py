@@ -15,7 +15,7 @@ from fer_model.augment import augment_batch
 from fer_model.errors import ConfigError
 from fer_model.config import TrainConfig
 from fer_model.inputs import predict_outputs
-from fer_model.training import (PLATEAU_FACTOR, PLATEAU_PATIENCE, Plateau, _check_resumable, fit, load_checkpoint,
+from fer_model.training import (FitStatus, PLATEAU_FACTOR, PLATEAU_PATIENCE, Plateau, _check_resumable, fit, load_checkpoint,
                                 lr_factor, make_optimizer, save_checkpoint)
 
 def config(**values) -> TrainConfig:
@@ -79,7 +79,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny, tmp_path):
     path = tmp_path / "ckpt.pt"
     # Interrupt after epoch 2: the callback saves a checkpoint and asks to stop.
     part = fit(cfg, tiny, device="cpu", on_epoch=lambda r: (save_checkpoint(r.state(), path), r.epoch == 2)[1])
-    assert part.status == "stopped" and part.epochs_completed == 2
+    assert part.status == FitStatus.STOPPED_EARLY == "stopped_early" and part.epochs_completed == 2
     resumed = fit(cfg, tiny, device="cpu", resume=load_checkpoint(path))
     assert resumed.epochs_completed == 3
     key = lambda h: [(r[M.TRAIN_LOSS], r[M.VAL_ACC]) for r in h]

@@ -13,7 +13,7 @@ import pytest
 from helpers import free_port
 
 from fer_model.errors import ConfigError, UserError
-from tuning.flags import check_ray_address
+from tuning.options import check_ray_address
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ["grid", "search", "final", "promote", "predict"]

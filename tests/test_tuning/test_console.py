@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 
-from tuning import report
-from tuning.outcomes import TrialRow, best_row, ties_at_top
+from tuning.reporting import report
+from tuning.trials.rows import TrialRow, best_row, ties_at_top
 
 
 def _row(trial_id: str, dropout: float, val: float, outcome: str = "completed") -> TrialRow:
@@ -33,7 +33,7 @@ def test_the_studys_numbers_only_beside_a_full_data_grid():
 
 
 def test_tunes_tables_only_when_verbose(monkeypatch):
-    from tuning.runner import VERBOSE_ENV, TablesWhenVerbose
+    from tuning.trials.runner import VERBOSE_ENV, TablesWhenVerbose
 
     monkeypatch.delenv(VERBOSE_ENV, raising=False)
     assert not TablesWhenVerbose().should_report([], done=True)
@@ -44,8 +44,8 @@ def test_tunes_tables_only_when_verbose(monkeypatch):
 def test_the_token_notice_is_dropped_and_the_disabled_warning_kept(ray_session):
     from ray._private.authentication import authentication_token_setup as auth
 
-    from tuning.flags import ClusterOptions
-    from tuning.runner import init_ray
+    from tuning.options import ClusterOptions
+    from tuning.trials.runner import init_ray
 
     assert init_ray(ClusterOptions()) is False  # the session's Ray: joined, not started; the filter is set
     seen: list[str] = []

@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from fer_model import metrics as M
 from tuning import grid
 from tuning import names as N
-from tuning.trainable import TAG_RESUMED_FROM
+from tuning.names import TAG_RESUMED_FROM
 
 SAMPLES = 70  # of tiny_folder's 280 Training images: about a second an epoch on a busy 2-core machine
 TRIAL_ACTOR = "ImplicitFunc"  # a function trainable's Ray actor: its process title is ray::ImplicitFunc.train
@@ -185,7 +185,7 @@ def check_one_finished_trial(client: MlflowClient, epochs: int, results: list[di
     """One trial run, FINISHED and completed, every epoch's metrics exactly once and stamped when the
     epoch ended (not when a delayed write got through); its parent FINISHED; nothing left RUNNING."""
     (run,) = trial_runs(client)
-    assert run.info.status == "FINISHED" and run.data.tags[N.TAG_OUTCOME] == N.OUTCOME_COMPLETED
+    assert run.info.status == "FINISHED" and run.data.tags[N.TAG_OUTCOME] == N.Outcome.COMPLETED
     ended = {r["epoch"]: r["timestamp"] for r in results}  # the last report of each epoch, in whole seconds
     for name in EPOCH_TRACKED:
         history = client.get_metric_history(run.info.run_id, name)

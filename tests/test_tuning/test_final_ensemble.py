@@ -17,12 +17,14 @@ from helpers import PROB_ATOL, artifact_names
 from fer_model import metrics as M
 from fer_model.config import TrainConfig
 from fer_model.errors import ConfigError
-from tuning import final, flags, grid, pipeline
+from tuning import final, grid, pipeline
+from tuning import options as flags
 from tuning import names as N
-from tuning.outcomes import TrialRow, ensemble_candidates, ranked, trial_rows
-from tuning.resume import check_unchanged, given_flags
-from tuning.tracking import client_for, create_run, ensure_experiment, record_best, set_tags
-from tuning.trial_tracker import TrialTracker
+from tuning.trials.rows import TrialRow, ensemble_candidates, ranked, trial_rows
+from tuning.stages.resume import check_unchanged
+from tuning.options import given_flags
+from tuning.tracking.store import client_for, create_run, ensure_experiment, record_best, set_tags
+from tuning.tracking.trial_log import TrialTracker
 
 BASE = {"batch_size": 64, "epochs": 1, "optimizer": "adam", "schedule": "none", "seed": 0, "lr": 1e-3}
 MAX_SAMPLES = 100  # of the tiny set's 280 training images: each member's epoch takes about a second
@@ -57,13 +59,13 @@ def finished_grid(uri: str, trials: list[tuple[dict, list[float], str]], best: i
 # again), a .40. Ranked by best epoch, a (.50) would lead; by the decoy test accuracy, a, e, d. The stopped-early
 # d (.60) and the diverged e are not ranked while completed trials exist.
 TRIALS = [  # (config, val_acc per epoch, outcome, decoy test accuracy)
-    ({**BASE, "dropout": 0.1}, [0.50, 0.40], N.OUTCOME_COMPLETED, 0.90),   # a
-    ({**BASE, "dropout": 0.2}, [0.30, 0.45], N.OUTCOME_COMPLETED, 0.10),   # b
-    ({**BASE, "dropout": 0.3}, [0.30, 0.48], N.OUTCOME_COMPLETED, 0.20),   # c: the best
-    ({**BASE, "dropout": 0.4}, [0.60], N.OUTCOME_STOPPED_EARLY, 0.70),     # d
-    ({**BASE, "dropout": 0.5}, [0.20, math.nan], N.OUTCOME_DIVERGED, 0.80),  # e
-    ({**BASE, "dropout": 0.6}, [0.20, 0.45], N.OUTCOME_COMPLETED, 0.30),   # f
-    ({**BASE, "dropout": 0.3}, [0.10, 0.44], N.OUTCOME_COMPLETED, 0.40),   # g: c's configuration
+    ({**BASE, "dropout": 0.1}, [0.50, 0.40], N.Outcome.COMPLETED, 0.90),   # a
+    ({**BASE, "dropout": 0.2}, [0.30, 0.45], N.Outcome.COMPLETED, 0.10),   # b
+    ({**BASE, "dropout": 0.3}, [0.30, 0.48], N.Outcome.COMPLETED, 0.20),   # c: the best
+    ({**BASE, "dropout": 0.4}, [0.60], N.Outcome.STOPPED_EARLY, 0.70),     # d
+    ({**BASE, "dropout": 0.5}, [0.20, math.nan], N.Outcome.DIVERGED, 0.80),  # e
+    ({**BASE, "dropout": 0.6}, [0.20, 0.45], N.Outcome.COMPLETED, 0.30),   # f
+    ({**BASE, "dropout": 0.3}, [0.10, 0.44], N.Outcome.COMPLETED, 0.40),   # g: c's configuration
 ]
 
 
@@ -126,11 +128,11 @@ def test_tuning_final_registers_an_ensemble_that_loads_in_a_fresh_process(workdi
     from fer_model.ensemble import average
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    trials = [({**BASE, "dropout": d}, [acc], N.OUTCOME_COMPLETED) for d, acc in ((0.5, 0.4), (0.3, 0.5), (0.7, 0.3))]
+    trials = [({**BASE, "dropout": d}, [acc], N.Outcome.COMPLETED) for d, acc in ((0.5, 0.4), (0.3, 0.5), (0.7, 0.3))]
     parent, run_ids = finished_grid(uri, trials, best=1)
     argv = ["--run-id", parent, "--data", tiny_folder, "--max-samples", MAX_SAMPLES, "--final-epochs", 1, "--ensemble", 3,
             "--tta", "flip", "--tracking-uri", uri]
-    result = pipeline.retrain(final.options(final.build_parser().parse_args([str(a) for a in argv])), parent)
+    result = pipeline.retrain(final.command_options(final.build_parser().parse_args([str(a) for a in argv])), parent)
     out = capsys.readouterr().out
 
     # Members in rank order; member 1 is the best trial (the single model's), each retrained for the final epochs.
@@ -192,12 +194,12 @@ def test_ensemble_auto_is_sized_on_validation_from_at_most_five_of_the_best(work
     from fer_model.ensemble import choose_size
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    trials = [({**BASE, "dropout": d, "seed": i}, [0.5 - i / 100], N.OUTCOME_COMPLETED)
+    trials = [({**BASE, "dropout": d, "seed": i}, [0.5 - i / 100], N.Outcome.COMPLETED)
               for i, d in enumerate((0.3, 0.4, 0.5, 0.6, 0.7, 0.2))]
     parent, run_ids = finished_grid(uri, trials, best=0)
     argv = ["--run-id", parent, "--data", tiny_folder, "--max-samples", MAX_SAMPLES, "--final-epochs", 1,
             "--ensemble", "auto", "--tracking-uri", uri]
-    result = pipeline.retrain(final.options(final.build_parser().parse_args([str(a) for a in argv])), parent)
+    result = pipeline.retrain(final.command_options(final.build_parser().parse_args([str(a) for a in argv])), parent)
     out = capsys.readouterr().out
     assert "ensemble auto: up to 5 members" in out
     assert [c.trial_run_id for c in result.inputs.candidates] == run_ids[1:5]  # the sixth is never a candidate

@@ -26,10 +26,15 @@ from cluster import local
 from fer_model import metrics as M
 from tuning import grid
 from tuning import names as N
-from tuning.gpu_shares import (CUDA_PROCESS_MB, DEFAULT_GPU_SHARE, MAX_TRIALS_PER_GPU, check_share, default_share,
-                               share_for_memory, trials_per_gpu)
-from tuning.trainable import (GPU_TRIALS_ON_CPU_ENV, TAG_GPU_IDS, TAG_GPU_SHARE, TAG_NODE_ID, TAG_NODE_IP, GpuNotVisible,
-                              choose_device)
+from tuning.trials.gpu_shares import (CUDA_PROCESS_MB,
+    DEFAULT_GPU_SHARE,
+    MAX_TRIALS_PER_GPU,
+    default_share,
+    share_for_memory,
+    trials_per_gpu)
+from tuning.options import check_share
+from tuning.trials.trainable import GPU_TRIALS_ON_CPU_ENV, GpuNotVisible, choose_device
+from tuning.names import TAG_GPU_IDS, TAG_GPU_SHARE, TAG_NODE_ID, TAG_NODE_IP
 
 # --------------------------------------------------------------------------- the default share, by hand
 
@@ -218,7 +223,7 @@ def test_a_gpu_share_without_a_visible_gpu_fails_at_once(gpu_ray, workdir, tiny_
     for r in runs:  # each a FAILED run, no epoch trained, the error and the GPU Ray gave it on it
         node = f"{r.data.tags[TAG_NODE_IP]} ({r.data.tags[TAG_NODE_ID][:8]})"
         error = f"GpuNotVisible: trial given 0.5 GPU on node {node}, CUDA_VISIBLE_DEVICES='0', but its process sees no CUDA device"
-        assert r.info.status == "FAILED" and r.data.tags[N.TAG_OUTCOME] == N.OUTCOME_ERROR
+        assert r.info.status == "FAILED" and r.data.tags[N.TAG_OUTCOME] == N.Outcome.ERROR
         assert error in r.data.tags[N.TAG_ERROR]
         assert r.data.tags[TAG_GPU_IDS] == "0" and not client.get_metric_history(r.info.run_id, M.VAL_ACC)
     assert "GpuNotVisible: trial given 0.5 GPU on node" in line and "sees no CUDA device" in line, line

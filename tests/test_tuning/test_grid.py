@@ -39,7 +39,7 @@ def check_pipeline(client: MlflowClient, expected_trials: set[tuple[float, float
     for t in trials:
         assert t.data.tags[N.TAG_PARENT] == parent.info.run_id
         assert t.data.tags[N.TAG_TRIAL_ID] and t.info.status == "FINISHED"
-        assert t.data.tags[N.TAG_OUTCOME] == N.OUTCOME_COMPLETED
+        assert t.data.tags[N.TAG_OUTCOME] == N.Outcome.COMPLETED
         assert t.data.params["batch_size"] == "64" and t.data.params["optimizer"] == "adam"
         for name in (M.TRAIN_LOSS, M.TRAIN_ACC, M.VAL_LOSS, M.VAL_ACC, M.EPOCH_SECONDS):
             assert [m.step for m in client.get_metric_history(t.info.run_id, name)] == list(range(1, epochs + 1))
@@ -80,7 +80,7 @@ def test_grid_end_to_end_on_sqlite(ray_session, workdir, tiny_folder, capsys):
 
     # Where the time went (benchmarks/pipeline.py reads these): the driver's phases on the stage runs,
     # each trial's on its own run. Ray was started by the test session, so no ray_start here.
-    from tuning import phases as P
+    from tuning.trials import phases as P
 
     grid_metrics, final_metrics = got["parent"].data.metrics, got["final"].data.metrics
     assert {P.metric(P.DATA_LOAD), P.metric(P.TRIALS), P.metric(P.CONCLUDE)} <= set(grid_metrics)

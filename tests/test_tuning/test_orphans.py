@@ -9,8 +9,8 @@ import sys
 from mlflow.tracking import MlflowClient
 
 from tuning import names as N
-from tuning.orphans import settle_orphans
-from tuning.tracking import create_run, ensure_experiment, set_tags
+from tuning.tracking.liveness import settle_orphans
+from tuning.tracking.store import create_run, ensure_experiment, set_tags
 
 
 def test_runs_of_a_dead_driver_are_settled_and_a_live_ones_are_not(tmp_path):
@@ -27,7 +27,7 @@ def test_runs_of_a_dead_driver_are_settled_and_a_live_ones_are_not(tmp_path):
                                   N.TAG_DRIVER_STARTED: started, N.TAG_HEARTBEAT: "0"})
         return run_id
 
-    from tuning.tracking import process_start_time
+    from tuning.tracking.liveness import process_start_time
 
     dead = stage(dead_pid, "1")
     live = stage(os.getpid(), f"{process_start_time(os.getpid()):.0f}")
@@ -37,7 +37,7 @@ def test_runs_of_a_dead_driver_are_settled_and_a_live_ones_are_not(tmp_path):
     assert set(settle_orphans(client, exp)) == {dead, trial}
     for run_id in (dead, trial):
         run = client.get_run(run_id)
-        assert run.info.status == "KILLED" and run.data.tags[N.TAG_OUTCOME] == N.OUTCOME_DRIVER_LOST
+        assert run.info.status == "KILLED" and run.data.tags[N.TAG_OUTCOME] == N.Outcome.DRIVER_LOST
     for run_id in (live, live_trial):
         assert client.get_run(run_id).info.status == "RUNNING"
     assert settle_orphans(client, exp) == []  # nothing left to settle

@@ -18,7 +18,8 @@ from test_fer_model.test_inputs import png_header
 from fer_model.config import ModelSpec
 from fer_model.model import build_model
 from tuning import names as N
-from tuning import predict, pyfunc
+from tuning import predict
+from tuning.registry import pyfunc
 
 
 @pytest.fixture(scope="module")

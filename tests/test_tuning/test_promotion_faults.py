@@ -14,18 +14,19 @@ from mlflow.tracking import MlflowClient
 
 from fer_model import metrics as M
 from tuning import names as N
-from tuning import promote, registry
+from tuning import promote
+from tuning.registry import promotion as registry
 
 NAME = N.DEFAULT_MODEL_NAME
 ROOT = Path(__file__).resolve().parents[2]
 
 # `python -m tuning.promote --tracking-uri URI ARGS`, started on a line on stdin once its imports are done
 # and it has opened the store once: two of them then decide within a millisecond. (Otherwise the lock
-# `tracking.client_for` holds while a process first opens a store mostly made them take turns here.)
+# `tuning.tracking.store.client_for` holds while a process first opens a store mostly made them take turns here.)
 AT_THE_LINE = """
 import runpy, sys
-import tuning.registry, tuning.tracking  # not tuning.promote: runpy runs it as __main__
-tuning.tracking.client_for(sys.argv[2])
+import tuning.registry.promotion, tuning.tracking.store  # not tuning.promote: runpy runs it as __main__
+tuning.tracking.store.client_for(sys.argv[2])
 print("ready", flush=True)
 sys.stdin.readline()
 sys.argv = ["tuning.promote", *sys.argv[1:]]
@@ -145,7 +146,7 @@ def test_a_champion_that_keeps_changing_is_one_line_and_no_record(tmp_path, monk
             real(name, alias, v1)
 
     monkeypatch.setattr(client, "set_registered_model_alias", always_overwritten)
-    monkeypatch.setattr("tuning.tracking.client_for", lambda _uri: client)
+    monkeypatch.setattr("tuning.tracking.store.client_for", lambda _uri: client)
     assert run_main(promote.main, ["--tracking-uri", uri, "--version", v2]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "kept changing" in err and f"version {v2}" in err

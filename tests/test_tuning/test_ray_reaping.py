@@ -15,15 +15,15 @@ import time
 import psutil
 import pytest
 
-from tuning import runner
-from tuning.tracking import pid_namespace
+from tuning.trials import runner
+from tuning.tracking.liveness import pid_namespace
 
 DRIVER = """
 import os, sys, time
-from tuning.flags import ClusterOptions, keep_local_ray_on_loopback
+from tuning.options import ClusterOptions, keep_local_ray_on_loopback
 cluster = ClusterOptions(storage=sys.argv[1])
 keep_local_ray_on_loopback(cluster)
-from tuning.runner import init_ray
+from tuning.trials.runner import init_ray
 init_ray(cluster)
 print("READY", os.getpid(), flush=True)
 if sys.argv[2] == "wait":

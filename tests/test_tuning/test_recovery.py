@@ -91,7 +91,7 @@ def test_a_refused_outcome_write_is_one_line_and_resume_settles_it(ray_session, 
 
     assert run_main(grid.main, [*argv, "--resume"]) == 0, capsys.readouterr()
     (trial,) = _trials(client)  # the same run, settled from Tune's state
-    assert trial.info.status == "FINISHED" and trial.data.tags[N.TAG_OUTCOME] == N.OUTCOME_COMPLETED
+    assert trial.info.status == "FINISHED" and trial.data.tags[N.TAG_OUTCOME] == N.Outcome.COMPLETED
     assert [m.step for m in client.get_metric_history(trial.info.run_id, M.VAL_ACC)] == [1, 2, 3]
     (stage,) = _runs(client, f"tags.`{N.TAG_STAGE}` = '{N.STAGE_GRID}'")
     assert stage.info.status == "FINISHED" and not _runs(client, "attributes.status = 'RUNNING'")
@@ -115,8 +115,8 @@ def test_a_trial_that_fails_twice_is_failed_and_the_stage_goes_on(ray_session, w
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     trials = _trials(client)
     assert len(trials) == 2 and len({t.data.tags[N.TAG_TRIAL_ID] for t in trials}) == 2  # one run per trial
-    failed = [t for t in trials if t.data.tags.get(N.TAG_OUTCOME) == N.OUTCOME_ERROR]
-    done = [t for t in trials if t.data.tags.get(N.TAG_OUTCOME) == N.OUTCOME_COMPLETED]
+    failed = [t for t in trials if t.data.tags.get(N.TAG_OUTCOME) == N.Outcome.ERROR]
+    done = [t for t in trials if t.data.tags.get(N.TAG_OUTCOME) == N.Outcome.COMPLETED]
     assert len(failed) == 1 and len(done) == 1, [(t.info.status, t.data.tags.get(N.TAG_OUTCOME)) for t in trials]
     assert failed[0].info.status == "FAILED" and failed[0].data.tags[N.TAG_ERROR]  # the error's line, for a person
     assert done[0].info.status == "FINISHED"
@@ -151,7 +151,7 @@ def test_a_resume_through_another_tracking_server_writes_there(ray_session, work
         assert "View run" not in out  # MLflow's per-run links (22 of 51 lines of a cluster run) are off
         client = MlflowClient(second.url)
         (trial,) = _trials(client)
-        assert trial.info.status == "FINISHED" and trial.data.tags[N.TAG_OUTCOME] == N.OUTCOME_COMPLETED
+        assert trial.info.status == "FINISHED" and trial.data.tags[N.TAG_OUTCOME] == N.Outcome.COMPLETED
         assert sorted(m.step for m in client.get_metric_history(trial.info.run_id, M.VAL_ACC)) == [1, 2, 3]
         assert not _runs(client, "attributes.status = 'RUNNING'")
         assert seconds < 120, f"{seconds:.0f} s: the resumed stage waited on the first server"
@@ -164,8 +164,8 @@ def test_a_final_run_that_registered_before_its_driver_died_is_adopted_not_retra
     settled the run KILLED, and --resume retrained and registered a second version. Now the resume adopts
     the registered one (its run FINISHED, one line) and does not retrain."""
     from tuning import pipeline
-    from tuning.stages import StageContext
-    from tuning.tracking import client_for, create_run, ensure_experiment
+    from tuning.stages.context import StageContext
+    from tuning.tracking.store import client_for, create_run, ensure_experiment
 
     client = client_for(f"sqlite:///{workdir / 'mlflow.db'}")
     experiment_id = ensure_experiment(client, N.DEFAULT_EXPERIMENT)
@@ -178,7 +178,7 @@ def test_a_final_run_that_registered_before_its_driver_died_is_adopted_not_retra
 
     assert pipeline._final_done(ctx, source)
     run = client.get_run(final)
-    assert run.info.status == "FINISHED" and run.data.tags[N.TAG_OUTCOME] == N.OUTCOME_COMPLETED
+    assert run.info.status == "FINISHED" and run.data.tags[N.TAG_OUTCOME] == N.Outcome.COMPLETED
     assert f"had registered {N.DEFAULT_MODEL_NAME} version {version.version} before its driver stopped: adopted" in capsys.readouterr().out
     assert len(client.search_model_versions(f"name = '{N.DEFAULT_MODEL_NAME}'")) == 1
 
@@ -234,7 +234,7 @@ def test_a_full_storage_disk_is_one_line_and_exit_2(ray_session, workdir, tiny_f
     assert last.startswith("error: ") and "No space left on device" in last, last
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     (trial,) = _trials(client)
-    assert trial.info.status == "FAILED" and trial.data.tags[N.TAG_OUTCOME] == N.OUTCOME_ERROR
+    assert trial.info.status == "FAILED" and trial.data.tags[N.TAG_OUTCOME] == N.Outcome.ERROR
     assert "No space left on device" in trial.data.tags[N.TAG_ERROR]
     assert not _runs(client, "attributes.status = 'RUNNING'")
 
@@ -251,7 +251,7 @@ def test_a_full_artifact_store_at_registration_is_one_line_and_resume_registers_
     assert "No space left on device" in last and "continue with: python -m tuning.grid" in last and "--resume" in last
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     (failed,) = _runs(client, f"tags.`{N.TAG_STAGE}` = '{N.STAGE_FINAL}'")
-    assert failed.info.status == "FAILED" and failed.data.tags[N.TAG_OUTCOME] == N.OUTCOME_ERROR
+    assert failed.info.status == "FAILED" and failed.data.tags[N.TAG_OUTCOME] == N.Outcome.ERROR
     assert not list(full_artifacts.glob(f"*/{failed.info.run_id}/artifacts/model"))  # the partial model is gone
     assert not client.search_model_versions(f"name = '{N.DEFAULT_MODEL_NAME}'")
 
@@ -356,7 +356,7 @@ def test_a_cluster_taken_down_mid_stage_is_one_line_and_resumes_after_up(tmp_pat
         assert done.returncode == 0, done.stderr[-3000:]
         client = MlflowClient(env["MLFLOW_TRACKING_URI"])
         (trial,) = _trials(client)
-        assert trial.info.status == "FINISHED" and trial.data.tags[N.TAG_OUTCOME] == N.OUTCOME_COMPLETED
+        assert trial.info.status == "FINISHED" and trial.data.tags[N.TAG_OUTCOME] == N.Outcome.COMPLETED
         assert int(trial.data.tags["resumed_from_epoch"]) >= 1
         assert sorted(m.step for m in client.get_metric_history(trial.info.run_id, M.VAL_ACC)) == list(range(1, 81))
         assert not _runs(client, "attributes.status = 'RUNNING'")
@@ -367,8 +367,8 @@ def test_a_cluster_taken_down_mid_stage_is_one_line_and_resumes_after_up(tmp_pat
 def test_a_new_store_on_a_full_disk_is_one_line_and_works_once_space_is_freed(workdir):
     """A real full disk (a 16 MB tmpfs, filled). Before: the half-migrated sqlite file stayed, and every
     later open failed with `duplicate column name: db_payload_generation` until it was deleted by hand."""
-    from tuning.flags import TrackingError
-    from tuning.tracking import client_for
+    from tuning.tracking.store import TrackingError
+    from tuning.tracking.store import client_for
 
     mount = _tmpfs(workdir / "small", size="16m")
     disk = next(mount)  # mounted while `mount` lives; closing it unmounts

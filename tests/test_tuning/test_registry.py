@@ -26,7 +26,8 @@ from fer_model.config import CLASS_NAMES, ModelSpec
 from fer_model.inputs import open_image, predict_proba, to_gray48
 from fer_model.model import build_model
 from tuning import names as N
-from tuning import predict, promote, pyfunc, registry
+from tuning import predict, promote
+from tuning.registry import promotion as registry, pyfunc
 
 NAME = N.DEFAULT_MODEL_NAME
 

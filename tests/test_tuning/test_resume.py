@@ -61,7 +61,7 @@ def _check_trials(client, parent_id: str, n: int, epochs: int) -> None:
     for t in trials:
         steps = [m.step for m in client.get_metric_history(t.info.run_id, M.VAL_ACC)]
         assert sorted(steps) == list(range(1, epochs + 1)), f"{t.info.run_name}: epochs {steps}"  # each once
-        assert t.info.status == "FINISHED" and t.data.tags[N.TAG_OUTCOME] == N.OUTCOME_COMPLETED
+        assert t.info.status == "FINISHED" and t.data.tags[N.TAG_OUTCOME] == N.Outcome.COMPLETED
 
 
 def test_grid_driver_killed_then_resumed(ray_session, workdir, tiny_folder, capsys):

@@ -12,9 +12,9 @@ import pytest
 
 SCRIPT = """
 import json, os, psutil
-from tuning.flags import ClusterOptions, keep_local_ray_on_loopback
+from tuning.options import ClusterOptions, keep_local_ray_on_loopback
 keep_local_ray_on_loopback(ClusterOptions())
-from tuning.runner import init_ray
+from tuning.trials.runner import init_ray
 import ray
 init_ray(ClusterOptions(dashboard=DASHBOARD))
 ray.get(ray.remote(lambda: 1).remote())  # a worker process too

@@ -55,11 +55,11 @@ def test_search_seeded_by_the_grid_with_asha(ray_session, workdir, tiny_folder):
 
     children = _children(client, parent.info.run_id)
     assert len(children) == 5
-    stopped = [c for c in children if c.data.tags[N.TAG_OUTCOME] == N.OUTCOME_STOPPED_EARLY]
+    stopped = [c for c in children if c.data.tags[N.TAG_OUTCOME] == N.Outcome.STOPPED_EARLY]
     for c in children:
         epochs = len(client.get_metric_history(c.info.run_id, M.VAL_ACC))
         assert c.info.status == "FINISHED"
-        assert (c.data.tags[N.TAG_OUTCOME] == N.OUTCOME_STOPPED_EARLY) == (epochs < 3)
+        assert (c.data.tags[N.TAG_OUTCOME] == N.Outcome.STOPPED_EARLY) == (epochs < 3)
     assert stopped, "ASHA with reduction factor 2 stops some of 5 trials"
     names = artifact_names(client, parent.info.run_id)
     assert {"search_trials.csv", "optimization_history.png", "parallel_coordinate.png",
@@ -154,7 +154,7 @@ def test_time_budget_ends_the_search_as_finished_not_interrupted(ray_session, wo
     assert parent.info.status == "FINISHED"
     children = _children(client, parent.info.run_id)
     assert children and all(c.info.status == "FINISHED" for c in children)
-    assert any(c.data.tags[N.TAG_OUTCOME] == N.OUTCOME_STOPPED_EARLY for c in children)
+    assert any(c.data.tags[N.TAG_OUTCOME] == N.Outcome.STOPPED_EARLY for c in children)
 
 
 def test_resume_keeps_its_start(workdir, capsys):
@@ -164,7 +164,7 @@ def test_resume_keeps_its_start(workdir, capsys):
 
 
 def test_strong_space_brings_its_epochs_and_grace_period_and_flags_override(workdir):
-    from tuning import flags
+    from tuning import options as flags
     from tuning.spaces import STRONG_SEARCH_SPACE
 
     def options(*argv):
@@ -191,6 +191,6 @@ def test_strong_space_trials_train_every_sampled_architecture(ray_session, workd
     assert len(children) == 3
     for c in children:
         p = c.data.params
-        assert c.info.status == "FINISHED" and c.data.tags[N.TAG_OUTCOME] == N.OUTCOME_COMPLETED
+        assert c.info.status == "FINISHED" and c.data.tags[N.TAG_OUTCOME] == N.Outcome.COMPLETED
         assert p["arch"] in ("resnet", "vgg") and p["flip"] == "True" and p["schedule"] in ("cosine", "onecycle", "plateau")
         assert len(client.get_metric_history(c.info.run_id, M.VAL_ACC)) in (1, 2)  # ASHA may stop one at its grace period

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tuning import names as N
-from tuning.tracking import create_run, ensure_experiment, tracked_run
+from tuning.tracking.store import create_run, ensure_experiment, tracked_run
 
 
 @pytest.mark.parametrize("raised, status", [(None, "FINISHED"), (KeyboardInterrupt, "KILLED"), (ValueError, "FAILED")])
@@ -34,7 +34,7 @@ def test_tracked_run_sets_the_status_by_how_the_block_ended(tmp_path, raised, st
 # One command's first touch of the store: what a grid or search driver does before anything else.
 FIRST_TOUCH = """
 import sys
-from tuning.tracking import client_for, create_run, ensure_experiment
+from tuning.tracking.store import client_for, create_run, ensure_experiment
 client = client_for(sys.argv[1])
 run_id = create_run(client, ensure_experiment(client, "race"), "run", {"who": sys.argv[2]})
 client.set_terminated(run_id, "FINISHED")
@@ -90,7 +90,7 @@ def test_a_new_store_whose_creation_fails_leaves_nothing_behind(tmp_path, monkey
     from mlflow.store.db_migrations import versions
 
     from fer_model.errors import UserError
-    from tuning import tracking
+    from tuning.tracking import store as tracking
 
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"

@@ -19,10 +19,11 @@ from helpers import run_main
 from mlflow.tracking import MlflowClient
 
 from fer_model import metrics as M
-from tuning import describe, grid
+from tuning import grid
+from tuning.reporting import describe
 from tuning import names as N
-from tuning.tracking import ensure_experiment
-from tuning.trainable import run_name
+from tuning.tracking.store import ensure_experiment
+from tuning.trials.trainable import run_name
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 needs_chromium = pytest.mark.skipif(
@@ -37,21 +38,21 @@ def test_trial_runs_are_named_by_their_configuration():
     assert run_name(searched, ["optimizer", "batch_size", "lr", "dropout"]) == "adamw b64 lr3.2e-4 d0.41"
     assert run_name({"weight_decay": 0.0, "lr": 1e-2}, ["weight_decay", "lr"]) == "wd0 lr1e-2"
     assert run_name({}, []) == "trial"
-    assert describe.final_run_name({"optimizer": "adam", "batch_size": 32, "lr": 1e-3, "dropout": 0.3, "epochs": 15}) \
+    assert N.final_run_name({"optimizer": "adam", "batch_size": 32, "lr": 1e-3, "dropout": 0.3, "epochs": 15}) \
         == "final adam b32 lr1e-3 d0.3 (15 epochs)"
-    assert re.fullmatch(r"grid \d{4}-\d\d-\d\d \d\d:\d\d \(9 trials\)", describe.stage_run_name(N.STAGE_GRID, 9))
+    assert re.fullmatch(r"grid \d{4}-\d\d-\d\d \d\d:\d\d \(9 trials\)", N.stage_run_name(N.STAGE_GRID, 9))
 
 
 def test_experiments_are_marked_training_unless_someone_chose_a_kind(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     created = ensure_experiment(client, "new")
-    assert client.get_experiment(created).tags[describe.EXPERIMENT_KIND_TAG] == describe.EXPERIMENT_KIND_TRAINING
+    assert client.get_experiment(created).tags[N.EXPERIMENT_KIND_TAG] == N.EXPERIMENT_KIND_TRAINING
     older = client.create_experiment("older")  # made before the kind was set: marked when reused
     assert ensure_experiment(client, "older") == older
-    assert client.get_experiment(older).tags[describe.EXPERIMENT_KIND_TAG] == describe.EXPERIMENT_KIND_TRAINING
-    chosen = client.create_experiment("chosen", tags={describe.EXPERIMENT_KIND_TAG: "genai_development"})
+    assert client.get_experiment(older).tags[N.EXPERIMENT_KIND_TAG] == N.EXPERIMENT_KIND_TRAINING
+    chosen = client.create_experiment("chosen", tags={N.EXPERIMENT_KIND_TAG: "genai_development"})
     assert ensure_experiment(client, "chosen") == chosen
-    assert client.get_experiment(chosen).tags[describe.EXPERIMENT_KIND_TAG] == "genai_development"
+    assert client.get_experiment(chosen).tags[N.EXPERIMENT_KIND_TAG] == "genai_development"
 
 
 def render(url: str, out: Path, name: str, expect: tuple[str, ...] = (), screenshot: bool = False,
@@ -88,7 +89,7 @@ def test_mlflow_ui_shows_training_runs_descriptions_and_the_model(ray_session, w
     assert run_main(grid.main, argv) == 0
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name(N.DEFAULT_EXPERIMENT)
-    assert exp.tags[describe.EXPERIMENT_KIND_TAG] == describe.EXPERIMENT_KIND_TRAINING
+    assert exp.tags[N.EXPERIMENT_KIND_TAG] == N.EXPERIMENT_KIND_TRAINING
     runs = client.search_runs([exp.experiment_id], max_results=50)
     by_stage: dict[str, list] = {}
     for r in runs:

@@ -26,13 +26,17 @@ from fer_model import metrics as M
 from fer_model.config import TrainConfig, check_tta
 from fer_model.evaluate import (LEARNING_CURVES_PNG, Evaluation, evaluate, evaluate_probabilities, plot_learning_curves,
                                 describe_test, save_evaluation)
-from fer_model.training import STATUS_DIVERGED, FitResult, fit
-from tuning import describe
+from fer_model.training import FitResult, FitStatus, fit
+from tuning.reporting import describe
 from tuning import names as N
-from tuning.flags import ENSEMBLE_AUTO
-from tuning.outcomes import TrialRow
-from tuning.stages import StageContext
-from tuning.tracking import log_files, log_metrics, log_params, set_tags
+from tuning.options import ENSEMBLE_AUTO
+from tuning.trials.rows import TrialRow
+from tuning.stages.context import StageContext
+from tuning.tracking.store import log_files, log_metrics, log_params, set_tags
+from fer_model.ensemble import choose_size
+from fer_model.ensemble import accuracy
+from fer_model.inputs import predict_proba
+from fer_model.ensemble import average
 
 EVALUATION_DIR = "evaluation"
 TTA_PARAM = "tta"  # the final run's param (and its version's tag): the test-time augmentation it used
@@ -90,7 +94,7 @@ class FinalInputs:
     def run_name(self) -> str:
         """The final run's name: the configuration it retrains (``final adam b32 lr1e-3 d0.3 (15 epochs)``),
         with an ensemble ``(15 epochs, ensemble of 3)`` or ``(15 epochs, ensemble auto)``."""
-        name = describe.final_run_name(self.config.to_dict())
+        name = N.final_run_name(self.config.to_dict())
         if self.ensemble is None:
             return name
         size = "auto" if self.ensemble == ENSEMBLE_AUTO else f"of {1 + len(self.candidates)}"
@@ -112,7 +116,7 @@ class FinalResult:
     model: Any  # torch.nn.Module
     history: list[dict[str, float]]
     evaluation: Evaluation
-    status: str  # fer_model.training STATUS_*
+    status: FitStatus
     train_seconds: float
     model_epoch: int = 0  # the epoch (1-based) whose weights `model` holds: the best on validation
     tta_evaluation: Evaluation | None = None  # with inputs.tta; `evaluation` is always without
@@ -123,7 +127,7 @@ class FinalResult:
 
     @property
     def diverged(self) -> bool:
-        return self.status == STATUS_DIVERGED
+        return self.status == FitStatus.DIVERGED
 
     @property
     def networks(self) -> list[tuple[Any, Any]]:
@@ -194,7 +198,7 @@ def run(ctx: StageContext, run_id: str, inputs: FinalInputs) -> FinalResult:
                  on_epoch=lambda r: log_metrics(ctx.client, run_id, r.metrics, step=r.epoch))
     train_seconds = time.perf_counter() - t0
     members, val_accs, metrics = [], [], {}
-    if inputs.ensemble is None or result.status == STATUS_DIVERGED:  # a diverged best trial ends it: not registered
+    if inputs.ensemble is None or result.status == FitStatus.DIVERGED:  # a diverged best trial ends it: not registered
         ev = evaluate(result.model, inputs.config.model, ctx.data.test, device)
         tta_ev = evaluate(result.model, inputs.config.model, ctx.data.test, device, tta=inputs.tta) \
             if inputs.tta != "none" else None
@@ -222,9 +226,9 @@ def run(ctx: StageContext, run_id: str, inputs: FinalInputs) -> FinalResult:
     tta_text = final.tta_line()
     note += f"\n\nEvaluated (and registered): {'member 1, ' if members else ''}the {final.weights_line()}."
     note += f" {tta_text[:1].upper()}{tta_text[1:]}." if tta_text else ""
-    tags = {N.TAG_OUTCOME: result.status}
+    tags = {N.TAG_OUTCOME: N.Outcome(result.status.value)}
     if members:
-        names = [describe.config_name(m.config.to_dict(), describe.FINAL_NAME_KEYS) for m in members]
+        names = [N.config_name(m.config.to_dict(), N.FINAL_NAME_KEYS) for m in members]
         note += (f"\n\nAn {final.ensemble_line()}. Its members, by their trials' validation accuracy: " + "; ".join(
             f"{m.rank}. `{name}` (trial run `{m.trial_run_id or '-'}`)" for m, name in zip(members, names)) + ".")
         tags[N.TAG_MEMBER_TRIAL_RUNS] = ",".join(m.trial_run_id or "" for m in members)
@@ -241,13 +245,11 @@ def _ensemble(ctx: StageContext, run_id: str, inputs: FinalInputs, first: FitRes
     every member trained, and the seconds all training took. A candidate whose training diverged is left
     out (and ends an auto ensemble).
     """
-    from fer_model.ensemble import choose_size
-
     auto = inputs.ensemble == ENSEMBLE_AUTO
     trained = [_member(ctx, inputs, 1, inputs.config, inputs.best_trial_run_id, first, first_seconds, device, auto)]
     seconds = first_seconds
     for rank, candidate in enumerate(inputs.candidates, 2):
-        name = describe.config_name(candidate.config.to_dict(), describe.FINAL_NAME_KEYS)
+        name = N.config_name(candidate.config.to_dict(), N.FINAL_NAME_KEYS)
         print(f"ensemble member {rank}: retraining trial run {candidate.trial_run_id or '-'} ({name}, validation "
               f"accuracy {100 * candidate.val_acc:.2f}%) for {candidate.config.epochs} epoch(s)", flush=True)
         config_json = json.dumps(candidate.config.to_dict(), sort_keys=True)
@@ -257,7 +259,7 @@ def _ensemble(ctx: StageContext, run_id: str, inputs: FinalInputs, first: FitRes
             ctx.client, run_id, {M.member_metric(k, key): v for key, v in r.metrics.items()}, step=r.epoch))
         took = time.perf_counter() - t0
         seconds += took
-        if fitted.status == STATUS_DIVERGED:
+        if fitted.status == FitStatus.DIVERGED:
             print(f"ensemble member {rank}: training diverged; left out")
             if auto:
                 break
@@ -282,9 +284,6 @@ def _member(ctx: StageContext, inputs: FinalInputs, rank: int, config: TrainConf
             fitted: FitResult, seconds: float, device, auto: bool) -> Member:
     """A trained member with its test probabilities (also with the TTA) and, for auto, its validation ones
     (with the TTA: the ensemble is sized as the registered model will predict)."""
-    from fer_model.ensemble import accuracy
-    from fer_model.inputs import predict_proba
-
     def probs(split, tta: str):
         return predict_proba(fitted.model, split.images, config.model.outputs_probabilities, tta=tta, device=device)
 
@@ -298,7 +297,5 @@ def _member(ctx: StageContext, inputs: FinalInputs, rank: int, config: TrainConf
 def _evaluate_average(ctx: StageContext, probabilities: list) -> Evaluation:
     """The test evaluation of the members' averaged class probabilities (`fer_model.ensemble.average`,
     as the registered model averages them)."""
-    from fer_model.ensemble import average
-
     test = ctx.data.test
     return evaluate_probabilities(average(probabilities).numpy(), test.labels.cpu().numpy(), test.usage.cpu().numpy())

@@ -7,11 +7,11 @@ from typing import Any
 
 from fer_model.config import TrainConfig
 from tuning import names as N
-from tuning import report
-from tuning.flags import SchedulerSettings
-from tuning.runner import run_trials
-from tuning.stages import StageContext, StageResult, conclude, data_params
-from tuning.trainable import TrialSetup
+from tuning.reporting import report
+from tuning.options import SchedulerSettings
+from tuning.trials.runner import run_trials
+from tuning.stages.context import StageContext, StageResult, conclude, data_params
+from tuning.trials.trainable import TrialSetup
 
 
 @dataclass(frozen=True)
@@ -60,12 +60,10 @@ def tune_path(ctx: StageContext, parent_run_id: str) -> str:
 def run(ctx: StageContext, parent_run_id: str, inputs: GridInputs, restore_path: str | None = None) -> StageResult:
     """Run the grid's trials under `parent_run_id` (or, given `restore_path`, continue them); print and
     log its table, heatmap and curves."""
-    from ray import tune
-
     setup = TrialSetup(ctx.tracking.uri, ctx.experiment_id, parent_run_id, ctx.cluster.cpus_per_trial)
-    space = {**inputs.fixed, "dropout": tune.grid_search(inputs.dropouts), "lr": tune.grid_search(inputs.lrs)}
-    rows = run_trials(ctx.cluster, ctx.data, setup, tune_name(parent_run_id), space, name_keys=("dropout", "lr"),
-                      scheduler=inputs.scheduler.make(inputs.epochs), restore_path=restore_path)
+    rows = run_trials(ctx.cluster, ctx.data, setup, tune_name(parent_run_id), inputs.fixed,
+                      grid={"dropout": inputs.dropouts, "lr": inputs.lrs}, name_keys=("dropout", "lr"),
+                      scheduler=inputs.scheduler, max_epochs=inputs.epochs, restore_path=restore_path)
     result = conclude(ctx, N.STAGE_GRID, parent_run_id, rows, lambda d: [
         report.write_table(rows, d / "grid_results.csv"),
         report.plot_grid_heatmap(rows, inputs.dropouts, inputs.lrs, d / "val_acc_heatmap.png"),

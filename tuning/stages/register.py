@@ -17,10 +17,12 @@ from mlflow.entities.model_registry import ModelVersion
 
 from fer_model import metrics as M
 from fer_model.config import CLASS_NAMES
-from tuning import describe
+from tuning.reporting import describe
 from tuning import names as N
-from tuning.stages import StageContext
+from tuning.stages.context import StageContext
 from tuning.stages.final import TTA_PARAM, FinalResult
+from tuning.registry import pyfunc
+from fer_model.model import count_parameters
 
 log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
@@ -54,8 +56,6 @@ def register(ctx: StageContext, final: FinalResult) -> ModelVersion | None:
     existing = [v for v in ctx.client.search_model_versions(f"run_id = '{final.run_id}'") if v.name == ctx.tracking.model_name]
     if existing:  # registered already (a retried step): one version per final run
         return existing[0]
-    from tuning import pyfunc
-
     with tempfile.TemporaryDirectory() as d:
         path = pyfunc.save(Path(d) / MODEL_ARTIFACT, final.networks, ctx.data.test.images[0, 0].cpu().numpy(),
                            tta=final.inputs.tta)
@@ -79,8 +79,6 @@ def register(ctx: StageContext, final: FinalResult) -> ModelVersion | None:
 
 
 def _model_facts(final: FinalResult) -> dict:
-    from fer_model.model import count_parameters
-
     return {"config": final.inputs.config.to_dict(), "parameters": count_parameters(final.model),
             "outputs_probabilities": final.inputs.config.model.outputs_probabilities, "members": len(final.members)}
 

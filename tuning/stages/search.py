@@ -11,18 +11,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
+
 from fer_model import metrics as M
 from fer_model.config import TrainConfig
-from fer_model.errors import ConfigError, UserError, first_line
+from fer_model.errors import UserError, first_line
 from tuning import names as N
-from tuning import report
-from tuning.flags import STUDY_PREFIX, SearchOptions
-from tuning.runner import run_trials
-from tuning.spaces import SEARCH_FIXED, to_tune
-from tuning.stages import StageContext, StageResult, conclude, data_params
-from tuning.resume import UNFINISHED, check_can_continue, check_unchanged
-from tuning.tracking import latest_stage_run
-from tuning.trainable import TrialSetup
+from tuning.reporting import report
+from tuning.options import STUDY_PREFIX, SearchOptions
+from tuning.trials.runner import OptunaStudy, run_trials
+from tuning.spaces import SEARCH_FIXED
+from tuning.stages.context import StageContext, StageResult, conclude, data_params
+from tuning.names import UNFINISHED
+from tuning.stages.resume import check_can_continue, check_unchanged
+from tuning.tracking.store import latest_stage_run
+from tuning.trials.trainable import TrialSetup
+from fer_model.evaluate import pyplot
 
 log = logging.getLogger(__name__)
 SEARCH_NAME_KEYS = ("arch", "optimizer", "batch_size", "lr", "dropout")
@@ -88,21 +92,16 @@ def tune_path(ctx: StageContext, p: SearchPlan) -> str:
 
 def run(ctx: StageContext, parent_run_id: str, p: SearchPlan) -> StageResult:
     """Run (or resume) the search under `parent_run_id`; log its table and Optuna's plots there."""
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
     o = p.options
-    storage = optuna.storages.RDBStorage(o.storage_url)
-    searcher = OptunaSearch(points_to_evaluate=[p.start_point] if p.start_point else None,
-                            sampler=optuna.samplers.TPESampler(seed=o.sampler_seed), study_name=p.study_name, storage=storage)
+    study = OptunaStudy(p.study_name, o.storage_url, o.sampler_seed, (p.start_point,) if p.start_point else ())
     fixed = {**SEARCH_FIXED, "epochs": o.epochs, "seed": o.train_seed, **{k: v for k, v in o.space.items() if not isinstance(v, dict)}}
     searched = {k: v for k, v in o.space.items() if isinstance(v, dict)}
     setup = TrialSetup(ctx.tracking.uri, ctx.experiment_id, parent_run_id, ctx.cluster.cpus_per_trial)
-    rows = run_trials(ctx.cluster, ctx.data, setup, f"search-{p.study_name}", {**fixed, **to_tune(searched)},
+    rows = run_trials(ctx.cluster, ctx.data, setup, f"search-{p.study_name}", fixed, searched=searched,
                       name_keys=[k for k in SEARCH_NAME_KEYS if k in searched] or sorted(searched),
-                      search_alg=searcher, scheduler=o.scheduler.make(o.epochs), num_samples=o.trials,
+                      study=study, scheduler=o.scheduler, max_epochs=o.epochs, num_samples=o.trials,
                       time_budget_s=o.time_budget, restore_path=p.run_id and tune_path(ctx, p))
-    study = optuna.load_study(study_name=p.study_name, storage=storage)
+    study = optuna.load_study(study_name=p.study_name, storage=o.storage_url)
     result = conclude(ctx, N.STAGE_SEARCH, parent_run_id, rows, lambda d: [
         report.write_table(rows, d / "search_trials.csv"),
         report.plot_all_learning_curves(rows, d / "learning_curves.png"),
@@ -156,8 +155,6 @@ def optuna_plots(study, out: Path) -> list[Path]:
     import warnings
 
     import optuna.visualization.matplotlib as vis
-
-    from fer_model.evaluate import pyplot
 
     plt = pyplot()
     names = {k for t in study.trials for k in t.params}

@@ -9,15 +9,13 @@ refused with both values named, and a flag not given takes the stored value.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from fer_model.errors import ConfigError, UserError
 from tuning import names as N
-
-if TYPE_CHECKING:  # the flag checks below run before MLflow and Ray are imported
-    from tuning.stages import StageContext
-
-UNFINISHED = ("RUNNING", "KILLED", "FAILED")
+from tuning.stages.context import StageContext, data_params
+from tuning.tracking.liveness import driver_alive
+from tuning.trials.runner import can_restore
 
 
 def stage_done(run) -> bool:
@@ -28,11 +26,6 @@ def stage_done(run) -> bool:
 
 def check_can_continue(ctx: StageContext, run, what: str) -> str:
     """The Tune path of `run` if it can be resumed here; else a UserError that says why."""
-    from ray import tune
-
-    from tuning.orphans import driver_alive
-    from tuning.stages import data_params
-
     run_id, tags = run.info.run_id, run.data.tags
     if run.info.status == "RUNNING" and driver_alive(tags):
         raise UserError(f"--resume: {what} run {run_id} is still running "
@@ -52,7 +45,7 @@ def check_can_continue(ctx: StageContext, run, what: str) -> str:
     if not path.startswith(storage):
         raise UserError(f"--resume: the Tune state of {what} run {run_id} ({path or 'none recorded'}) is not under "
                         f"--storage {ctx.cluster.storage}; pass the --storage it ran with")
-    if run.info.status != "FINISHED" and not tune.Tuner.can_restore(path):
+    if run.info.status != "FINISHED" and not can_restore(path):
         raise UserError(f"--resume: the Tune experiment of {what} run {run_id} ({path}) cannot be restored")
     return path
 
@@ -73,11 +66,6 @@ def check_unchanged(run_id: str, started: Mapping[str, Any], asked: Mapping[str,
     if changed:
         raise ConfigError(f"--resume: run {run_id} continues with what it started with ({'; '.join(changed)}); "
                           "drop these flags or start a new run")
-
-
-def given_flags(args, table: Mapping[str, tuple[str, str]]) -> dict[str, str]:
-    """`table` (argparse dest -> (flag, dotted key)) narrowed to the flags given, as ``{flag: key}``."""
-    return {flag: key for dest, (flag, key) in table.items() if getattr(args, dest, None) is not None}
 
 
 def to_json(value: Any) -> str:

@@ -8,68 +8,25 @@ Ray. A run's description is its tag ``mlflow.note.content`` (`tuning.names.TAG_N
 from __future__ import annotations
 
 import math
-import time
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from fer_model import metrics as M
 from fer_model.presets import STUDY_TEST_ACC
 from tuning import names as N
+from tuning.names import FINAL_NAME_KEYS, config_name, value_text
+from tuning.spaces import STUDY_GRID_TEST_ACC
+from tuning.trials.rows import TrialRow
+from fer_model.config import ARCHITECTURES
+from fer_model.training import FitStatus
+from fer_model.config import CLASS_NAMES
+from tuning.registry.pyfunc import EMOTION, IMAGE_COLUMN, LABEL, PROB_COLUMNS
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-    from tuning.outcomes import TrialRow
-
-# MLflow 3's experiment kind: the tag its UI's experiment-kind selector writes, with the value meaning
-# "Machine learning" (training runs) rather than "GenAI apps & agents". MLflow 3.17's UI no longer
-# reads it on the experiment page: there the sidebar's workflow switch decides (the URL parameter
-# below, else the browser's last choice, else GenAI). The tag still says what the experiment is, for
-# UIs that read it and for anyone searching experiments by kind.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND_TRAINING = "custom_model_development"
 WORKFLOW_TRAINING = "workflowType=machine_learning"  # in a page's URL: the UI in its "Model training" mode
 # The runs page flat (a sort other than by time turns off nesting under parent runs), best first.
 RUNS_BEST_FIRST = "orderByKey=metrics.%60val_acc%60&orderByAsc=false"
-
-# How a configuration value is named in a run name: ``adamw b64 lr3.2e-4 d0.41``.
-_SHORT = {"dropout": "d", "lr": "lr", "batch_size": "b", "optimizer": "", "weight_decay": "wd", "arch": "",
-          "label_smoothing": "ls", "schedule": "", "conv3_channels": "c", "hidden": "h", "width": "w", "depth": "depth",
-          "epochs": "ep"}
-_SCIENTIFIC = ("lr", "weight_decay")
-FINAL_NAME_KEYS = ("optimizer", "batch_size", "lr", "dropout")
-
-
-# --------------------------------------------------------------------------- names
-
-
-def value_text(key: str, value: Any) -> str:
-    """A value as a run name shows it: ``1e-3``/``3.2e-4`` for rates, two significant digits otherwise."""
-    if isinstance(value, bool) or not isinstance(value, float):
-        return str(value)
-    if key in _SCIENTIFIC:
-        if value == 0:
-            return "0"
-        mantissa, exponent = f"{value:.1e}".split("e")
-        return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
-    return f"{value:.2g}"
-
-
-def config_name(config: Mapping[str, Any], keys: Sequence[str]) -> str:
-    """A configuration named by `keys`, e.g. ``d0.3 lr1e-3`` (grid) or ``adamw b64 lr3.2e-4 d0.41`` (search)."""
-    return " ".join(f"{_SHORT.get(k, k + '=')}{value_text(k, config.get(k))}" for k in keys)
-
-
-def stage_run_name(stage: str, trials: int, when: float | None = None) -> str:
-    """A stage run's name: its stage, when it started and its trial count, e.g. ``grid 2025-05-01 14:03 (9 trials)``."""
-    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(when))
-    return f"{stage} {started} ({trials} trial{'s' if trials != 1 else ''})"
-
-
-def final_run_name(config: Mapping[str, Any]) -> str:
-    """The final run's name: the configuration it retrains, e.g. ``final adam b32 lr1e-3 d0.3 (15 epochs)``."""
-    epochs = config.get("epochs")
-    return f"final {config_name(config, FINAL_NAME_KEYS)} ({epochs} epoch{'s' if epochs != 1 else ''})"
-
 
 def experiment_url(base_url: str, experiment_id: str) -> str:
     """The experiment's page on its training runs: every run (trials, stages, final) in one list by
@@ -128,8 +85,6 @@ def grid_description(rows: Sequence["TrialRow"], best: "TrialRow", dropouts: Seq
                      lrs: Sequence[float] | None = None, full_data: bool = True) -> str:
     """The grid run's description: the dropout x lr table of final validation accuracy (the study's
     test accuracy beside it on the full data), then the best trial and its configuration."""
-    from tuning.report import STUDY_GRID_TEST_ACC
-
     keys = ("dropout", "lr")
     dropouts = list(dropouts) if dropouts else sorted({float(r.config["dropout"]) for r in rows if "dropout" in r.config})
     lrs = list(lrs) if lrs else sorted({float(r.config["lr"]) for r in rows if "lr" in r.config}, reverse=True)
@@ -188,8 +143,6 @@ def set_stage_description(client: "MlflowClient", run_id: str, stage: str, rows:
 
 def _model_options(config: Mapping[str, Any]) -> str:
     """The architecture's options as set, e.g. ``dropout 0.3, conv3_channels 128, hidden 128``."""
-    from fer_model.config import ARCHITECTURES
-
     arch = ARCHITECTURES.get(config.get("arch"))
     keys = list(arch.options) if arch else ["dropout"]
     return ", ".join(f"{k} {value_text(k, config[k])}" for k in keys if k in config)
@@ -232,12 +185,10 @@ def final_description(config: Mapping[str, Any], metrics: Mapping[str, float], *
                       fingerprint: str, full_data: bool = True, epochs_run: int | None = None,
                       study_acc: float = STUDY_TEST_ACC["seed-best"]) -> str:
     """The final run's description: its test numbers beside the study's, what it retrained, where from."""
-    from fer_model.training import STATUS_DIVERGED
-
     beside = f" (the study: {_pct(study_acc)})" if full_data else ""
     text = [f"**Test accuracy {_pct(metrics.get(M.TEST_ACC))}**{beside}, macro F1 {_f1(metrics)}: the final retrain of "
             f"`{config_name(config, FINAL_NAME_KEYS)}` for {_epochs(config.get('epochs'))}.", ""]
-    if status == STATUS_DIVERGED:
+    if status == FitStatus.DIVERGED:
         text += [f"**Training diverged** after {_epochs(epochs_run)}: this model is not registered.", ""]
     text += [test_table(metrics, full_data, study_acc), "",
              f"Retrained: {_config_line(config)}, in {train_seconds:.0f} s; the best configuration of run "
@@ -255,9 +206,6 @@ MODEL_HEADING = "**FER2013 emotion classifier**"  # a description starting so is
 
 def model_io_lines() -> str:
     """What the registered pyfunc takes and returns (`tuning.pyfunc`)."""
-    from fer_model.config import CLASS_NAMES
-    from tuning.pyfunc import EMOTION, IMAGE_COLUMN, LABEL, PROB_COLUMNS
-
     return (f"**Input**: a DataFrame with a column `{IMAGE_COLUMN}` of encoded image bytes (PNG, JPEG, BMP; base64 in a "
             "JSON request to `mlflow models serve`), or the 2,304 raw bytes of a 48x48 uint8 array; any size or colour "
             "becomes 48x48 grayscale.\n\n"
@@ -267,8 +215,6 @@ def model_io_lines() -> str:
 
 def model_line(config: Mapping[str, Any], parameters: int, outputs_probabilities: bool) -> str:
     """The network (its architecture, options and size) and how it was trained."""
-    from fer_model.config import ARCHITECTURES
-
     arch = config.get("arch")
     what = ARCHITECTURES[arch].description if arch in ARCHITECTURES else "a network"
     out = "" if "out" in what else f", {'probabilities' if outputs_probabilities else 'logits'} out"

@@ -21,20 +21,12 @@ from fer_model import metrics as M
 from fer_model.config import TrainConfig
 from fer_model.data import FerData
 from fer_model.training import EpochResult, fit, load_checkpoint, save_checkpoint
-from tuning import names as N
-from tuning import phases
-from tuning.trial_tracker import TrialTracker
+from tuning.names import DIVERGED, EPOCH, RUN_ID, TAG_GPU_IDS, TAG_GPU_SHARE, TAG_NODE_ID, TAG_NODE_IP, TAG_RESUMED_FROM
+from tuning.trials import phases
+from tuning.tracking.trial_log import TrialTracker
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
-EPOCH = "epoch"  # reported beside the metrics; ASHA's time attribute
-RUN_ID = "mlflow_run_id"  # reported too, so the driver settles the right run
-
-# Where a trial runs, as tags on its run (the node it finished on, after a node loss), and the GPU
-# share Ray gave it ("0": none).
-TAG_NODE_ID, TAG_NODE_IP, TAG_GPU_IDS, TAG_GPU_SHARE = "ray_node_id", "ray_node_ip", "gpu_ids", "gpu_share"
-TAG_RESUMED_FROM = "resumed_from_epoch"  # set when a retry or --resume continued from a checkpoint
-
 # For tests only: "1" in the command's environment lets a trial given a GPU share train on the CPU
 # when its process sees no CUDA device, so that Tune's packing of GPU shares can be tested on a
 # CPU-only Ray node that declares GPUs (`ray start --num-gpus 1`). Read by the driver and carried to
@@ -65,7 +57,7 @@ class GpuNotVisible(RuntimeError):
 def run_name(config: dict[str, Any], keys: list[str]) -> str:
     """A trial run's name from the values that vary between trials: ``d0.3 lr1e-3`` in the grid,
     ``adamw b64 lr3.2e-4 d0.41`` in the search (Tune's trial id stays a tag, `names.TAG_TRIAL_ID`)."""
-    from tuning.describe import config_name
+    from tuning.names import config_name
 
     return config_name(config, keys) or "trial"
 
@@ -156,7 +148,7 @@ def train_trial(config: dict[str, Any], data: FerData, setup: TrialSetup, name_k
             save_checkpoint(r.state(), Path(d) / STATE_FILE)
             (Path(d) / META_FILE).write_text(json.dumps({RUN_ID: tracker.run_id, EPOCH: r.epoch}))
             # Persisted by Ray before report returns, so the temporary folder can go.
-            tune.report({**r.metrics, M.BEST_VAL_ACC: best, EPOCH: r.epoch, RUN_ID: tracker.run_id},
+            tune.report({**r.metrics, M.BEST_VAL_ACC: best, EPOCH: r.epoch, RUN_ID: tracker.run_id, DIVERGED: r.diverged},
                         checkpoint=tune.Checkpoint.from_directory(d))
 
     t0, device = time.perf_counter(), None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -22,11 +21,12 @@ from mlflow.tracking import MlflowClient
 from fer_model.cli import on_stop
 from fer_model.errors import UserError, first_line
 from tuning import names as N
-from tuning.flags import TrackingError, sqlite_path
+from tuning.tracking.liveness import HEARTBEAT_SECONDS, Heartbeat, driver_tags
+from tuning.tracking.uri import TrackingError, sqlite_path
+from tuning.names import EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_TRAINING
 
 log = logging.getLogger(__name__)
 _BATCH = 900  # log_batch accepts at most 1,000 metrics per call
-HEARTBEAT_SECONDS = 30.0
 
 
 _READY: set[Path] = set()  # sqlite stores this process has seen created (or created itself)
@@ -167,11 +167,9 @@ def _sqlite_settle(db: Path) -> None:
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     """The id of experiment `name`, created if needed (local stores keep artifacts beside the db).
 
-    It is marked a training experiment (MLflow 3's experiment kind, `describe.EXPERIMENT_KIND_TAG`)
+    It is marked a training experiment (MLflow 3's experiment kind, `N.EXPERIMENT_KIND_TAG`)
     when created, and when reused without a kind; a kind someone chose stays.
     """
-    from tuning.describe import EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_TRAINING
-
     db = sqlite_path(client.tracking_uri)
     if db is not None:
         _sqlite_wal(db)
@@ -261,46 +259,6 @@ def latest_stage_run(client: MlflowClient, experiment_id: str, stage: str, extra
 # --------------------------------------------------------------------------- runs the driver owns
 
 
-def driver_tags() -> dict[str, str]:
-    """Who runs this stage: host, pid namespace, pid and the process's start time (a reused pid has another)."""
-    return {N.TAG_DRIVER_HOST: socket.gethostname(), N.TAG_DRIVER_PID_NS: pid_namespace(), N.TAG_DRIVER_PID: str(os.getpid()),
-            N.TAG_DRIVER_STARTED: f"{process_start_time(os.getpid()):.0f}", N.TAG_HEARTBEAT: f"{time.time():.0f}"}
-
-
-def pid_namespace() -> str:
-    """This process's pid namespace ("pid:[4026531836]"; "" off Linux): containers sharing a hostname differ here."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
-
-
-def process_start_time(pid: int) -> float:
-    """A process's start time in epoch seconds (0 when it does not exist)."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return 0.0
-
-
-class _Heartbeat(threading.Thread):
-    """Refreshes a run's heartbeat tag while the driver lives, so a dead driver's runs can be told apart."""
-
-    def __init__(self, client: MlflowClient, run_id: str, every: float):
-        super().__init__(name=f"heartbeat-{run_id[:8]}", daemon=True)
-        self.client, self.run_id, self.every = client, run_id, every
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.every):
-            try:
-                self.client.set_tag(self.run_id, N.TAG_HEARTBEAT, f"{time.time():.0f}")
-            except Exception as exc:  # noqa: BLE001 - a server blip must not end the stage
-                log.debug("heartbeat of %s not written: %s", self.run_id, exc)
-
-
 # MLflow's HTTP client retries a dead server itself, ~4 minutes a call (7 retries, backoff doubling from
 # 2 s), in which the driver says nothing and a stop waits. The driver's own calls retry for ~30 s
 # (2 + 4 + 8 + 16 s; 20 s a request), through a server's restart (`cluster.local up`: ~10-20 s here),
@@ -364,7 +322,7 @@ def tracked_run(client: MlflowClient, run_id: str, heartbeat: float | None = HEA
     a heartbeat), then FINISHED on success, KILLED on Ctrl-C, FAILED on an error."""
     set_tags(client, run_id, driver_tags())
     client.update_run(run_id, status="RUNNING")
-    beat = _Heartbeat(client, run_id, heartbeat) if heartbeat else None
+    beat = Heartbeat(client, run_id, heartbeat) if heartbeat else None
     if beat:
         beat.start()
     status = "FAILED"

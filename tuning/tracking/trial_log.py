@@ -4,7 +4,7 @@ Epoch metrics go through a bounded queue to a background thread that retries unt
 store answers: a slow or briefly unreachable `mlflow server` costs the trial no training time
 (measured before: an epoch logged 52 s after the previous one during an outage, where epochs take
 17 s). The queue drains when the trial ends. The trial never writes its outcome: the driver
-settles that (`tuning.outcomes`).
+settles that (`tuning.trials.callbacks`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from fer_model import metrics as M
 from tuning import names as N
-from tuning.tracking import client_for, create_run, find_trial_run, set_tags
+from tuning.tracking.store import client_for, create_run, find_trial_run, set_tags
 
 log = logging.getLogger(__name__)
 QUEUE_SIZE = 1000  # epochs; a trial blocks only past this many unwritten epochs

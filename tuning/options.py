@@ -10,30 +10,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import urllib.error
-import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from fer_model.config import TTA_MODES, DataConfig
 from fer_model.errors import ConfigError, DataError, UserError, first_line
 from tuning.names import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
+from tuning.spaces import NAMED_SPACES, load_space, validate_space
+from tuning.tracking.uri import SQLITE, check_tracking, resolve_tracking_uri, sqlite_path
 
 DEFAULT_FINAL_EPOCHS = 15  # the study's retrain of its grid winner
 # --ensemble auto: the final stage retrains up to this many of the best trials, keeping those that help on validation.
 ENSEMBLE_AUTO, ENSEMBLE_AUTO_MAX = "auto", 5
 FINAL_EPOCHS_RATIO = 1.5  # the study: 15 final epochs after 10-epoch trials; --final-epochs follows --epochs so
-SQLITE = "sqlite:///"
-
-
-class TrackingError(UserError):
-    """The MLflow tracking store cannot be used."""
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI, else None."""
-    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -98,46 +88,6 @@ def tracking_options(args: argparse.Namespace) -> TrackingOptions:
     return TrackingOptions(uri, experiment, model_name)
 
 
-def resolve_tracking_uri(flag: str | None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
-
-    Local stores become absolute: Ray runs trials in other working directories.
-    """
-    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or SQLITE + "mlflow.db"
-    db = sqlite_path(uri)
-    if db is not None:
-        uri = SQLITE + str(db.resolve())
-    elif "://" not in uri and not uri.startswith("file:"):  # a bare folder: MLflow's file store
-        uri = Path(uri).resolve().as_uri()
-    return uri
-
-
-def check_tracking(uri: str, timeout: float = 5.0) -> None:
-    """An http(s) server must answer /health, a sqlite file's folder must exist, any other store must open."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-                if r.status != 200:
-                    raise TrackingError(f"MLflow tracking server {uri} answered HTTP {r.status} to /health")
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)})") from None
-        return
-    db = sqlite_path(uri)
-    if db is not None:  # creating the file is all it takes: no side effect before Ray starts
-        parent = db.parent
-        if not parent.is_dir():
-            raise TrackingError(f"tracking URI {uri}: folder {parent} does not exist")
-        return
-    # Any other store is opened for real: a database server may be down, and MLflow 3 refuses
-    # its file store only when a client opens it.
-    try:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except Exception as exc:  # noqa: BLE001 - whatever the store raises, the URI is unusable
-        raise TrackingError(f"tracking URI {uri} cannot be used: {first_line(exc)}") from None
-
-
 # --------------------------------------------------------------------------- cluster and resources
 
 
@@ -153,6 +103,7 @@ class ClusterOptions:
     max_concurrent: int | None = None
     dashboard: bool = False  # a local Ray's dashboard, on 127.0.0.1
     keep_trial_dirs: bool = False  # else a finished stage's Tune folder is removed once MLflow has it all
+    verbose: bool = False  # Ray Tune's own progress tables too (`tuning.trials.runner.tune_verbose`)
 
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -216,9 +167,13 @@ def check_ray_address(address: str, source: str = "--address", timeout: float = 
                         "or `ray start --head --node-ip-address 127.0.0.1`, or drop the address for a local Ray") from None
 
 
-def cluster_options(args: argparse.Namespace) -> ClusterOptions:
-    from tuning.gpu_shares import check_share
+def check_share(value: float | None, flag: str = "--gpus-per-trial") -> None:
+    """Refuse a GPU share outside 0..1 (NaN too): a trial trains on one device, and 0 means no GPU."""
+    if value is not None and not 0 <= value <= 1:
+        raise ConfigError(f"{flag} must be within 0..1 (a share of one GPU; 0: no GPU), got {value:g}")
 
+
+def cluster_options(args: argparse.Namespace) -> ClusterOptions:
     check_share(args.gpus_per_trial)
     cpus = _or(args.cpus_per_trial, 1.0)
     if cpus <= 0:
@@ -233,8 +188,6 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     if address:  # before Ray starts: ray.init on a dead address hangs for minutes
         check_ray_address(address, "--address" if args.address else "RAY_ADDRESS")
-    if args.verbose:  # read by tuning.runner at each progress report (a --resume honours it too)
-        os.environ["FER_TUNE_VERBOSE"] = "1"
     if address and args.dashboard:
         raise ConfigError("--dashboard starts a local Ray's dashboard; a cluster's dashboard runs on its head node")
     if args.dashboard:
@@ -243,7 +196,7 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
         if importlib.util.find_spec("aiohttp_cors") is None:
             raise ConfigError("--dashboard needs Ray's dashboard packages: pip install 'ray[default]'")
     return ClusterOptions(address, storage, shared, args.gpus_per_trial, cpus, args.max_concurrent, bool(args.dashboard),
-                          bool(args.keep_trial_dirs))
+                          bool(args.keep_trial_dirs), bool(args.verbose))
 
 
 # --------------------------------------------------------------------------- the final stage
@@ -290,11 +243,13 @@ def add_final_flags(p: argparse.ArgumentParser, optional: bool = True) -> None:
                         "order while validation accuracy rises (default: one model)")
 
 
-def final_options(args: argparse.Namespace, trial_epochs: int | None = None) -> FinalOptions:
-    """The final stage's options; its epochs follow the trials' by the study's ratio unless given."""
+def final_options(args: argparse.Namespace, trial_epochs: int | None = None,
+                  typed: argparse.Namespace | None = None) -> FinalOptions:
+    """The final stage's options; its epochs follow the trials' by the study's ratio unless given.
+    `typed`: the flags as the user typed them, where a preset (`parser.set_defaults`) filled `args`."""
+    typed = typed or args
     if args.final_epochs is not None:
-        typed = getattr(args, "final_epochs_given", args.final_epochs) is not None
-        epochs, why = args.final_epochs, "--final-epochs" if typed else "the preset's"
+        epochs, why = args.final_epochs, "--final-epochs" if typed.final_epochs is not None else "the preset's"
     elif trial_epochs:
         epochs = max(1, round(FINAL_EPOCHS_RATIO * trial_epochs))
         why = f"{FINAL_EPOCHS_RATIO:g} x the trials' {trial_epochs}, the study's ratio; --final-epochs sets it"
@@ -308,7 +263,7 @@ def final_options(args: argparse.Namespace, trial_epochs: int | None = None) -> 
     enabled = not getattr(args, "no_final", None)
     if not enabled:
         given = [f for f, v in (("--promote", args.promote), ("--device", args.device),
-                                ("--final-epochs", getattr(args, "final_epochs_given", args.final_epochs)),
+                                ("--final-epochs", typed.final_epochs),
                                 ("--tta", args.tta), ("--ensemble", getattr(args, "ensemble", None))) if v]
         if given:
             raise ConfigError(f"{', '.join(given)} need(s) the final stage: drop --no-final")
@@ -347,17 +302,6 @@ class SchedulerSettings:
         if self.grace_period < 1 or self.reduction_factor <= 1:
             raise ConfigError("the grace period must be >= 1 and the reduction factor > 1")
 
-    def make(self, max_epochs: int):
-        """Tune's scheduler (None: every trial runs to the end)."""
-        if self.kind != "asha":
-            return None
-        from ray.tune.schedulers import ASHAScheduler
-
-        from tuning.trainable import EPOCH
-
-        return ASHAScheduler(time_attr=EPOCH, max_t=max_epochs, grace_period=min(self.grace_period, max_epochs),
-                             reduction_factor=self.reduction_factor)
-
 
 def add_scheduler_flags(group: argparse._ArgumentGroup, flag_prefix: str, dest_prefix: str, default: str, what: str) -> None:
     """--[prefix]scheduler, --[prefix]grace-period, --[prefix]reduction-factor for one stage's trials."""
@@ -390,93 +334,165 @@ LATEST_GRID = "latest-grid"
 
 
 @dataclass(frozen=True)
-class SearchOptions:
-    """A search: how many trials of how many epochs over which space, its Optuna study, its start."""
+class Flag:
+    """A search flag, declared once on its `SearchOptions` field: its names (in tuning.search, and in
+    tuning.grid's chain, where None means the grid has no such flag), its help, how its value is read and
+    checked, and whether a --resume refuses another value for it."""
 
-    trials: int
-    epochs: int
-    space: dict[str, Any]
-    scheduler: SchedulerSettings
-    storage_url: str
-    study_name: str | None  # None: a new timestamped name, or (with resume) the latest search's
-    resume: bool = False
-    time_budget: float | None = None
-    sampler_seed: int = 0  # TPE's
-    train_seed: int = 0
-    start_from: str | None = None  # a grid or search run id, or LATEST_GRID: its best config is trial 1
+    flag: str
+    grid_flag: str | None
+    help: str
+    dest: str = ""  # argparse's (default: from `flag`)
+    type: Callable[[str], Any] | None = None
+    store_true: bool = False
+    check: Callable[[Any], str | None] | None = None  # what is wrong with a value ("must be >= 1, got 0"), else None
+    resume: tuple[str, ...] = ("search", "grid")  # where a --resume refuses a changed value
+    stored: bool = True  # kept on the search run (and a grid's chain) for --resume
+
+    def names(self, in_grid: bool) -> str | None:
+        return self.grid_flag if in_grid else self.flag
+
+    def argparse_dest(self) -> str:
+        return self.dest or self.flag.lstrip("-").replace("-", "_")
+
+
+def search_flag(default: Any, flag: str, grid_flag: str | None, help: str, **kw: Any) -> Any:
+    """A `SearchOptions` field that is a flag; `default` fills it when the flag is not given."""
+    factory = {"default_factory": (lambda: dict(default))} if isinstance(default, dict) else {"default": default}
+    return field(**factory, metadata={"flag": Flag(flag, grid_flag, help, **kw)})
+
+
+def _above(low: float, unit: str = "") -> Callable[[Any], str | None]:
+    """A check: values must be > `low` (the error follows the flag's name: ``must be > 0 seconds, got -1``)."""
+    return lambda v: None if v > low else f"must be > {low:g}{unit}, got {v:g}"
+
+
+def _at_least_one(v: Any) -> str | None:
+    return None if v >= 1 else f"must be >= 1, got {v}"
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """A search: how many trials of how many epochs over which space, its Optuna study, its start.
+
+    Each field that is a flag declares it (`search_flag`): the parsers, the defaults, the checks, what a
+    --resume keeps and refuses to change, and tuning.grid's chain flags all come from here. A new search
+    flag is one field here (and what reads it)."""
+
+    trials: int = search_flag(DEFAULT_TRIALS, "--trials", "--search-trials", f"number of trials (default {DEFAULT_TRIALS})",
+                              dest="search_trials", type=int, check=_at_least_one)
+    epochs: int = search_flag(DEFAULT_SEARCH_EPOCHS, "--epochs", "--search-epochs",
+                              f"epochs per search trial (default {DEFAULT_SEARCH_EPOCHS}; --space strong: 30)",
+                              dest="search_epochs", type=int, check=_at_least_one)
+    space: dict[str, Any] = search_flag({}, "--space", "--space",
+                                        "default (the study's next steps), strong (architectures, augmentation, schedules), "
+                                        "or a YAML or JSON space file (see tuning/spaces.py; a name wins over a file of that name)")
+    scheduler: SchedulerSettings = field(default_factory=lambda: SchedulerSettings("asha"))  # --scheduler & co, below
+    storage_url: str = search_flag("", "--optuna-storage", "--optuna-storage",
+                                   "Optuna storage URL (default sqlite:///optuna.db beside the MLflow sqlite file)")
+    # None: a new timestamped name, or (with resume) the latest search's
+    study_name: str | None = search_flag(None, "--study-name", "--study-name",
+                                         f"Optuna study name (default {STUDY_PREFIX}-<time>; with --resume, the latest search's)",
+                                         resume=("grid",))
+    resume: bool = search_flag(False, "--resume", None, "continue an interrupted search without repeating finished trials",
+                               store_true=True, resume=(), stored=False)
+    time_budget: float | None = search_flag(None, "--time-budget", "--time-budget",
+                                            "end the search after this many seconds; trials running then are recorded as stopped early",
+                                            type=float, check=_above(0, " seconds"))
+    sampler_seed: int = search_flag(0, "--search-seed", "--search-seed", "TPE sampler seed (default 0)", type=int)
+    train_seed: int = 0  # the trials' --seed: tuning.search's own, the grid's in a chain
+    # a grid or search run id, or LATEST_GRID: its best config is trial 1
+    start_from: str | None = search_flag(None, "--start-from", None,
+                                         f"a grid or search run id, or {LATEST_GRID}: its best configuration is the first trial",
+                                         resume=(), stored=False)
     given: Mapping[str, str] = field(default_factory=dict, compare=False)  # with resume: flag -> key to check
 
     def stored(self) -> dict[str, Any]:
         """What a search run keeps for --resume (and a grid chain for its search)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("resume", "given", "start_from")}
+        kept = {f.name for f in fields(self) if f.name != "given" and (_flag_of(f) is None or _flag_of(f).stored)}
+        return {k: v for k, v in asdict(self).items() if k in kept}
 
     @classmethod
     def from_stored(cls, d: Mapping[str, Any]) -> "SearchOptions":
-        return cls(**{**d, "scheduler": SchedulerSettings(**d["scheduler"])})
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in d.items() if k in names}, "scheduler": SchedulerSettings(**d["scheduler"])})
+
+
+def _flag_of(f) -> Flag | None:
+    return f.metadata.get("flag")
+
+
+def search_flags() -> list[tuple[str, Flag]]:
+    """(field, flag) of every flag `SearchOptions` declares, in field order."""
+    return [(f.name, _flag_of(f)) for f in fields(SearchOptions) if _flag_of(f) is not None]
+
+
+# The search's scheduler flags (shared with the grid's, `add_scheduler_flags`): argparse dest -> key in SchedulerSettings.
+_SCHEDULER_KEYS = {"scheduler": "kind", "grace_period": "grace_period", "reduction_factor": "reduction_factor"}
 
 
 def add_search_flags(p: argparse.ArgumentParser, in_grid: bool = False) -> None:
-    """The search's flags. In `tuning.grid` (a grid -> search chain) the flags the grid also has
-    get a ``--search-`` prefix; the chain's search starts from the grid's best, and cannot resume."""
+    """The search's flags, from `SearchOptions`. In `tuning.grid` (a grid -> search chain) the flags the
+    grid also has get a ``--search-`` prefix; the chain's search starts from the grid's best, and cannot resume."""
     g = p.add_argument_group("search" if not in_grid else "search after the grid (with --search-trials)")
-    pre = "search-" if in_grid else ""
-    if not in_grid:
-        g.add_argument("--trials", dest="search_trials", type=int, help=f"number of trials (default {DEFAULT_TRIALS})")
-    g.add_argument(f"--{pre}epochs", dest="search_epochs", type=int, help=f"epochs per search trial (default {DEFAULT_SEARCH_EPOCHS}; --space strong: 30)")
-    add_scheduler_flags(g, pre, "search_", "asha", "search")
-    g.add_argument("--space", help="default (the study's next steps), strong (architectures, augmentation, schedules), "
-                                   "or a YAML or JSON space file (see tuning/spaces.py; a name wins over a file of that name)")
-    g.add_argument("--time-budget", type=float, help="end the search after this many seconds; trials running then are recorded as stopped early")
-    g.add_argument("--optuna-storage", help="Optuna storage URL (default sqlite:///optuna.db beside the MLflow sqlite file)")
-    g.add_argument("--study-name", help=f"Optuna study name (default {STUDY_PREFIX}-<time>; with --resume, the latest search's)")
-    g.add_argument("--search-seed", type=int, help="TPE sampler seed (default 0)")
-    if not in_grid:
-        g.add_argument("--start-from", help=f"a grid or search run id, or {LATEST_GRID}: its best configuration is the first trial")
-        g.add_argument("--resume", action="store_true", default=None, help="continue an interrupted search without repeating finished trials")
+    for name, flag in search_flags():
+        names = flag.names(in_grid)
+        if names is None:
+            continue
+        helptext = flag.help if not (in_grid and name == "trials") else \
+            "then run this many Optuna search trials started from the grid's best, and one final stage"
+        if flag.store_true:
+            g.add_argument(names, dest=flag.argparse_dest(), action="store_true", default=None, help=helptext)
+        else:
+            g.add_argument(names, dest=flag.argparse_dest(), type=flag.type, help=helptext)
+        if name == "epochs":  # the scheduler's flags, after the epochs they stop
+            add_scheduler_flags(g, "search-" if in_grid else "", "search_", "asha", "search")
 
 
-# A resumed search keeps what it started with: these flags, given again, must say the same
-# (argparse dest -> (flag, key in `SearchOptions.stored()` or the cluster's)).
-SEARCH_RESUME_KEYS = {
-    "search_trials": ("--trials", "trials"), "search_epochs": ("--epochs", "epochs"), "space": ("--space", "space"),
-    "search_scheduler": ("--scheduler", "scheduler.kind"), "search_grace_period": ("--grace-period", "scheduler.grace_period"),
-    "search_reduction_factor": ("--reduction-factor", "scheduler.reduction_factor"),
-    "time_budget": ("--time-budget", "time_budget"), "optuna_storage": ("--optuna-storage", "storage_url"),
-    "search_seed": ("--search-seed", "sampler_seed"), "seed": ("--seed", "train_seed"),
-    "max_concurrent": ("--max-concurrent", "max_concurrent")}
+def search_resume_keys(in_grid: bool) -> dict[str, tuple[str, str]]:
+    """What a resumed search (or, `in_grid`, a grid's chain) keeps: argparse dest -> (flag, key in
+    `SearchOptions.stored()`, under ``chain.search.`` in a grid's)."""
+    where, prefix, pre = ("grid", "chain.search.", "search-") if in_grid else ("search", "", "")
+    keys = {flag.argparse_dest(): (flag.names(in_grid), prefix + name)
+            for name, flag in search_flags() if where in flag.resume and flag.names(in_grid)}
+    keys.update({f"search_{dest}": (f"--{pre}{dest.replace('_', '-')}", f"{prefix}scheduler.{key}")
+                 for dest, key in _SCHEDULER_KEYS.items()})
+    return keys
 
 
-def search_options(args: argparse.Namespace, tracking_uri: str, trials: int | None = None, train_seed: int = 0) -> SearchOptions:
-    """Validate the search flags (the space file included) before anything starts."""
-    from tuning.spaces import NAMED_SPACES, load_space, validate_space
+# A resumed search keeps what it started with: these flags, given again, must say the same.
+SEARCH_RESUME_KEYS = {**search_resume_keys(in_grid=False), "seed": ("--seed", "train_seed"),
+                      "max_concurrent": ("--max-concurrent", "max_concurrent")}
+# tuning.grid's flags for the search after it (they need --search-trials).
+CHAIN_DESTS = tuple(dest for dest in search_resume_keys(in_grid=True) if dest != "search_trials")
 
-    from tuning.resume import given_flags
 
-    resume = bool(getattr(args, "resume", None))
-    if resume and getattr(args, "start_from", None):
+def search_options(args: argparse.Namespace, tracking_uri: str, train_seed: int = 0, in_grid: bool = False) -> SearchOptions:
+    """Validate the search flags (the space file included) before anything starts; `in_grid`: the flags
+    of the search after tuning.grid's grid (their --search- names)."""
+    values: dict[str, Any] = {}
+    for name, flag in search_flags():
+        value = getattr(args, flag.argparse_dest(), None)
+        if value is not None and flag.check and (error := flag.check(value)):
+            raise ConfigError(f"{flag.names(in_grid)} {error}")
+        if value is not None:
+            values[name] = value
+    if values.get("resume") and values.get("start_from"):
         raise ConfigError("--start-from does not apply with --resume: a resumed search keeps its start")
-    trials = _or(trials if trials is not None else getattr(args, "search_trials", None), DEFAULT_TRIALS)
-    if trials < 1:
-        raise ConfigError(f"the number of trials must be >= 1, got {trials}")
     named = NAMED_SPACES.get(args.space or "default")  # None: a space file
-    epochs = search_epochs(args)
-    if epochs < 1:
-        raise ConfigError(f"search epochs must be >= 1, got {epochs}")
-    if args.time_budget is not None and args.time_budget <= 0:
-        raise ConfigError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
-    space = validate_space(named.space, epochs) if named else load_space(args.space, epochs)
-    in_grid = not hasattr(args, "start_from")
+    epochs = values["epochs"] = search_epochs(args)
+    values["space"] = validate_space(named.space, epochs) if named else load_space(args.space, epochs)
     grace = named.grace_period if named else DEFAULT_GRACE_PERIOD
-    return SearchOptions(trials, epochs, space, scheduler_settings(args, "search_", "asha", "search-" if in_grid else "", grace),
-                         optuna_storage_url(args.optuna_storage, tracking_uri), args.study_name, resume, args.time_budget,
-                         _or(args.search_seed, 0), train_seed, getattr(args, "start_from", None),
-                         given_flags(args, SEARCH_RESUME_KEYS) if resume else {})
+    values["scheduler"] = scheduler_settings(args, "search_", "asha", "search-" if in_grid else "", grace)
+    values["storage_url"] = optuna_storage_url(args.optuna_storage, tracking_uri)
+    values["train_seed"] = train_seed
+    if values.get("resume"):
+        values["given"] = given_flags(args, SEARCH_RESUME_KEYS)
+    return SearchOptions(**values)
 
 
 def search_epochs(args: argparse.Namespace) -> int:
     """--epochs of the search, else its named space's (30 for strong), else DEFAULT_SEARCH_EPOCHS."""
-    from tuning.spaces import NAMED_SPACES
-
     named = NAMED_SPACES.get(args.space or "default")
     return _or(args.search_epochs, named.epochs if named else DEFAULT_SEARCH_EPOCHS)
 
@@ -523,19 +539,18 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     add_final_flags(p)
 
 
-def common_options(args: argparse.Namespace, trial_epochs: int | None = None) -> CommonOptions:
+def common_options(args: argparse.Namespace, trial_epochs: int | None = None,
+                   typed: argparse.Namespace | None = None) -> CommonOptions:
     """Validate the shared flags: a bad value or an unreachable server raises a UserError.
-    `trial_epochs`: the trials' epochs, which the final stage's follow unless --final-epochs is given."""
-    data, cluster, final = data_config(args), cluster_options(args), final_options(args, trial_epochs)
+    `trial_epochs`: the trials' epochs, which the final stage's follow unless --final-epochs is given;
+    `typed`: the flags as typed, where a preset filled `args` (see `final_options`)."""
+    data, cluster, final = data_config(args), cluster_options(args), final_options(args, trial_epochs, typed)
     return CommonOptions(data, tracking_options(args), cluster, final)
 
 
-def apply_preset(args: argparse.Namespace, preset: Mapping[str, Any]) -> None:
-    """Fill the flags the user left unset (None) from `preset`: given flags win."""
-    args.final_epochs_given = getattr(args, "final_epochs", None)  # what the user typed, for checks
-    for key, value in preset.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+def given_flags(args, table: Mapping[str, tuple[str, str]]) -> dict[str, str]:
+    """`table` (argparse dest -> (flag, dotted key)) narrowed to the flags given, as ``{flag: key}``."""
+    return {flag: key for dest, (flag, key) in table.items() if getattr(args, dest, None) is not None}
 
 
 def floats(text: str) -> list[float]:

@@ -1,6 +1,9 @@
-"""Runs whose driver died (SIGKILL, OOM, a closed laptop) are settled by the next command.
+"""A driver's liveness: the heartbeat it writes, and the check that settles runs whose driver died.
 
-A stage or final run is RUNNING while its driver lives: `tracking.tracked_run` records the driver's
+The writer and the stale-run check live together (as Optuna keeps its heartbeat and its stale-trial
+check in one module). Runs whose driver died (SIGKILL, OOM, a closed laptop) are settled by the next command.
+
+A stage or final run is RUNNING while its driver lives: `tuning.tracking.store.tracked_run` records the driver's
 host, pid and process start time, and refreshes a heartbeat tag. A RUNNING run whose driver is gone
 (on this host: no process with that pid and start time; on another host: no heartbeat for a while)
 is marked KILLED with ``outcome=driver_lost``, and so are its RUNNING trial runs. `--resume` still
@@ -10,17 +13,58 @@ finds a search run settled so, and reopens it and its trials.
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import threading
 import time
 from typing import Iterable
 
+import psutil
 from mlflow.tracking import MlflowClient
 
 from tuning import names as N
-from tuning.tracking import HEARTBEAT_SECONDS, pid_namespace, process_start_time, set_tags
 
 log = logging.getLogger(__name__)
+HEARTBEAT_SECONDS = 30.0  # between a driver's heartbeat writes
 STALE_AFTER = 5 * HEARTBEAT_SECONDS  # another host's driver: silent this long means gone
+
+
+def driver_tags() -> dict[str, str]:
+    """Who runs this stage: host, pid namespace, pid and the process's start time (a reused pid has another)."""
+    return {N.TAG_DRIVER_HOST: socket.gethostname(), N.TAG_DRIVER_PID_NS: pid_namespace(), N.TAG_DRIVER_PID: str(os.getpid()),
+            N.TAG_DRIVER_STARTED: f"{process_start_time(os.getpid()):.0f}", N.TAG_HEARTBEAT: f"{time.time():.0f}"}
+
+
+def pid_namespace() -> str:
+    """This process's pid namespace ("pid:[4026531836]"; "" off Linux): containers sharing a hostname differ here."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def process_start_time(pid: int) -> float:
+    """A process's start time in epoch seconds (0 when it does not exist)."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0.0
+
+
+class Heartbeat(threading.Thread):
+    """Refreshes a run's heartbeat tag while the driver lives, so a dead driver's runs can be told apart."""
+
+    def __init__(self, client: MlflowClient, run_id: str, every: float):
+        super().__init__(name=f"heartbeat-{run_id[:8]}", daemon=True)
+        self.client, self.run_id, self.every = client, run_id, every
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            try:
+                self.client.set_tag(self.run_id, N.TAG_HEARTBEAT, f"{time.time():.0f}")
+            except Exception as exc:  # noqa: BLE001 - a server blip must not end the stage
+                log.debug("heartbeat of %s not written: %s", self.run_id, exc)
 
 
 def driver_alive(tags: dict[str, str], now: float | None = None) -> bool:
@@ -52,12 +96,12 @@ def settle_orphans(client: MlflowClient, experiment_id: str, keep: Iterable[str]
         if not orphan:
             continue
         try:
-            set_tags(client, r.info.run_id, {N.TAG_OUTCOME: N.OUTCOME_DRIVER_LOST})
+            client.set_tag(r.info.run_id, N.TAG_OUTCOME, N.Outcome.DRIVER_LOST)
             client.set_terminated(r.info.run_id, "KILLED")
             settled.append(r.info.run_id)
         except Exception as exc:  # noqa: BLE001 - settling is best effort; the next command tries again
             log.warning("run %s could not be settled: %s", r.info.run_id, exc)
     if settled:
         print(f"settled {len(settled)} run(s) left RUNNING by a driver that no longer runs (now KILLED, outcome "
-              f"{N.OUTCOME_DRIVER_LOST})")
+              f"{N.Outcome.DRIVER_LOST})")
     return settled

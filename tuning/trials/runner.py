@@ -5,27 +5,34 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
+import optuna
 import ray
 from ray import tune
 from ray.tune import CLIReporter
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from fer_model import metrics as M
 from fer_model.cli import drop_log_messages, sigterm_as_ctrl_c
 from fer_model.errors import UserError, first_line, storage_error
-from tuning.flags import ClusterOptions
-from tuning import phases
-from tuning.gpu_shares import default_share, probe_gpu_memory_mb
-from tuning.outcomes import BudgetStopper, StoreUnavailable, TrialOutcomes, TrialRow, bind, summarize
-from tuning.tracking import pid_namespace, process_start_time
-from tuning.trainable import EPOCH, TrialSetup, train_trial
+from tuning.names import EPOCH
+from tuning.options import ClusterOptions, SchedulerSettings
+from tuning.tracking.liveness import pid_namespace, process_start_time
+from tuning.trials import phases
+from tuning.trials.callbacks import BudgetStopper, StoreUnavailable, TrialOutcomes, bind, summarize
+from tuning.trials.gpu_shares import default_share, probe_gpu_memory_mb
+from tuning.trials.rows import TrialRow
+from tuning.trials.trainable import TrialSetup, train_trial
 
 log = logging.getLogger(__name__)
 # "1": Ray Tune's own progress tables on the console besides our one line per trial (--verbose sets it).
@@ -194,6 +201,8 @@ def check_gpu_request(cluster: ClusterOptions) -> None:
 @contextmanager
 def ray_session(cluster: ClusterOptions, tracking_uri: str) -> Iterator[None]:
     """Ray for the length of a run: joined or started, and shut down only if started here."""
+    if cluster.verbose:  # read at each progress report, by a reporter a --resume may have unpickled
+        os.environ[VERBOSE_ENV] = "1"
     started = init_ray(cluster)
     try:
         check_cluster_paths(cluster, tracking_uri)
@@ -219,7 +228,7 @@ _DEFAULT_SHARES: dict[str, float] = {}
 
 def gpu_share(cluster: ClusterOptions) -> float:
     """--gpus-per-trial, else the share chosen from a GPU's memory where the cluster has GPUs
-    (`tuning.gpu_shares.default_share`, said once on the console), else 0."""
+    (`tuning.trials.gpu_shares.default_share`, said once on the console), else 0."""
     if cluster.gpus_per_trial is not None:
         return cluster.gpus_per_trial
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -285,20 +294,64 @@ def full_storage(storage: str) -> str | None:
     return f"{storage}: {free:,} bytes free (No space left on device)" if free < FULL_BELOW_BYTES else None
 
 
-def grid_size(param_space: dict[str, Any] | None, num_samples: int) -> int | None:
-    """How many trials Tune makes of `param_space`: the product of its grid axes, times `num_samples`."""
-    if param_space is None:
-        return None  # a restored experiment: Tune's own trial list says
-    size = num_samples
-    for value in param_space.values():
-        if isinstance(value, dict) and "grid_search" in value:
-            size *= len(value["grid_search"])
-    return size
+@dataclass(frozen=True)
+class OptunaStudy:
+    """The Optuna study a search samples from (TPE, through Ray Tune's OptunaSearch)."""
+
+    name: str
+    storage_url: str
+    seed: int = 0
+    start_points: tuple[dict[str, Any], ...] = ()  # evaluated first, in order (`points_to_evaluate`)
 
 
-def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, param_space: dict[str, Any] | None,
-               *, name_keys: Sequence[str] = (), search_alg=None, scheduler=None, num_samples: int = 1,
-               time_budget_s: float | None = None, restore_path: str | None = None) -> list[TrialRow]:
+def tune_space(fixed: Mapping[str, Any], grid: Mapping[str, Sequence[Any]] | None = None,
+               searched: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Tune's param space: `fixed` values, `grid` axes (every combination), and `searched` ranges in the
+    spaces' format (``{"choice": [...]}``, ``{"loguniform": [lo, hi]}``: `tuning.spaces`)."""
+    space = dict(fixed)
+    for key, values in (grid or {}).items():
+        space[key] = tune.grid_search(list(values))
+    for key, spec in (searched or {}).items():
+        kind, values = next(iter(spec.items()))
+        space[key] = tune.choice(values) if kind == "choice" else getattr(tune, kind)(*values)
+    return space
+
+
+def scheduler_for(settings: SchedulerSettings, max_epochs: int):
+    """Tune's scheduler for `settings` (None: every trial runs to the end)."""
+    if settings.kind != "asha":
+        return None
+    return ASHAScheduler(time_attr=EPOCH, max_t=max_epochs, grace_period=min(settings.grace_period, max_epochs),
+                         reduction_factor=settings.reduction_factor)
+
+
+def optuna_searcher(study: OptunaStudy):
+    """Ray Tune's OptunaSearch over `study` (its storage keeps every trial: --resume, optuna-dashboard)."""
+    storage = optuna.storages.RDBStorage(study.storage_url)
+    return OptunaSearch(points_to_evaluate=list(study.start_points) or None,
+                        sampler=optuna.samplers.TPESampler(seed=study.seed), study_name=study.name, storage=storage)
+
+
+def can_restore(path: str) -> bool:
+    """Whether Tune can continue the experiment kept at `path`."""
+    return tune.Tuner.can_restore(path)
+
+
+def cluster_resources() -> dict[str, float]:
+    """What the joined or started Ray has in all (CPU, GPU, ...)."""
+    return ray.cluster_resources()
+
+
+def gcs_address() -> str:
+    """The joined cluster's GCS address (what `tuning.trials.head_watch` watches)."""
+    return ray.get_runtime_context().gcs_address
+
+
+def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, fixed: Mapping[str, Any], *,
+               grid: Mapping[str, Sequence[Any]] | None = None, searched: Mapping[str, Any] | None = None,
+               study: OptunaStudy | None = None, scheduler: SchedulerSettings = SchedulerSettings(), max_epochs: int = 1,
+               name_keys: Sequence[str] = (), num_samples: int = 1, time_budget_s: float | None = None,
+               restore_path: str | None = None) -> list[TrialRow]:
     """Run (or, given `restore_path`, resume) one Tune experiment; every trial is settled by `TrialOutcomes`."""
     # Keeping one checkpoint per trial (bounded disk) makes Tune snapshot its state at every
     # checkpoint, i.e. every epoch, which is what lets a resume continue from the latest epoch; on a
@@ -314,7 +367,8 @@ def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, para
             tune.with_parameters(train_trial, data=data, setup=setup, name_keys=tuple(name_keys)),
             {"cpu": cluster.cpus_per_trial, "gpu": gpu_share(cluster)},
         )
-    total = grid_size(param_space, num_samples)
+    total = math.prod(len(v) for v in (grid or {}).values()) * num_samples  # the trials Tune will make
+    search_alg = optuna_searcher(study) if study else None
     bind(setup)  # this command's tracking URI for the callbacks, also those a restore unpickles
     if restore_path:
         # Finished trials are kept; unfinished and errored ones continue from their last checkpoint.
@@ -322,9 +376,9 @@ def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, para
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=param_space,
+            param_space=tune_space(fixed, grid, searched),
             tune_config=tune.TuneConfig(
-                metric=M.SELECTION_METRIC, mode=M.SELECTION_MODE, search_alg=search_alg, scheduler=scheduler,
+                metric=M.SELECTION_METRIC, mode=M.SELECTION_MODE, search_alg=search_alg, scheduler=scheduler_for(scheduler, max_epochs),
                 num_samples=num_samples, max_concurrent_trials=cluster.max_concurrent,
                 # A new trial runs in the process the last one finished in: a fresh worker first imports
                 # torch, Ray Tune and MLflow (~7 s on 2 idle cores, ~12 s beside a training trial) and
@@ -342,7 +396,7 @@ def run_trials(cluster: ClusterOptions, data, setup: TrialSetup, name: str, para
         )
     print(f"{'continuing' if restore_path else 'running'} Tune experiment {name}"
           f"{f' ({total} trials)' if total else ''}: a line as each trial ends"
-          + ("" if tune_verbose() else f"; Ray's own progress tables with --verbose"), flush=True)
+          + ("" if tune_verbose() else "; Ray's own progress tables with --verbose"), flush=True)
     # Tune's SIGINT handler stays installed after fit() unless a signal came: a Ctrl-C (or SIGTERM) in the
     # final stage would then only print Tune's "Stop signal received" and be ignored.
     sigint = signal.getsignal(signal.SIGINT)

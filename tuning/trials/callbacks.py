@@ -13,7 +13,6 @@ callback is the console's progress: one line per trial as it ends (Tune's own ta
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,18 +26,21 @@ from fer_model import metrics as M
 from fer_model.cli import STOPPING
 from fer_model.errors import UserError, first_line
 from tuning import names as N
-from tuning.tracking import client_for, find_trial_run, log_metrics, set_tags, trial_runs
-from tuning.trainable import EPOCH, RUN_ID, TrialSetup, run_name
+from tuning.tracking.store import client_for, find_trial_run, log_metrics, set_tags, trial_runs
+from tuning.names import DIVERGED, EPOCH, RUN_ID, TAG_NODE_ID, TAG_NODE_IP
+from tuning.trials.rows import TrialRow
+from tuning.trials.trainable import TrialSetup, run_name
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 60.0  # between trial ends, at most one "still running" line a minute
 
 
-def outcome_of(last_result: Mapping[str, Any], epochs: int) -> str:
-    """The outcome of a trial that ended normally, from its last reported result."""
-    if not math.isfinite(float(last_result.get(M.TRAIN_LOSS, 0.0))):
-        return N.OUTCOME_DIVERGED
-    return N.OUTCOME_COMPLETED if int(last_result.get(EPOCH, 0)) >= epochs else N.OUTCOME_STOPPED_EARLY
+def outcome_of(last_result: Mapping[str, Any], epochs: int) -> N.Outcome:
+    """The outcome of a trial that ended normally, from its last reported result: diverged when `fit`
+    said so (reported with the epoch), else completed or stopped early by its epochs."""
+    if last_result.get(DIVERGED):
+        return N.Outcome.DIVERGED
+    return N.Outcome.COMPLETED if int(last_result.get(EPOCH, 0)) >= epochs else N.Outcome.STOPPED_EARLY
 
 
 @dataclass
@@ -70,7 +72,7 @@ def _stage(parent_run_id: str) -> _Stage:
     try:
         return _STAGES[parent_run_id]
     except KeyError:  # a callback restored without `bind`: a programming error, not a user's
-        raise RuntimeError(f"stage run {parent_run_id}: tuning.outcomes.bind(setup) was not called before Tune ran") from None
+        raise RuntimeError(f"stage run {parent_run_id}: tuning.trials.callbacks.bind(setup) was not called before Tune ran") from None
 
 
 def error_line(trial) -> str:
@@ -142,8 +144,8 @@ class TrialOutcomes(Callback):
         _stage(self.parent_run_id).ended.add(trial.trial_id)
         why = error_line(trial)
         log.warning("trial %s failed: %s", self._name(trial), why)
-        self._settle(trial, N.OUTCOME_ERROR, {N.TAG_ERROR: why})
-        self._announce(trial, trials, N.OUTCOME_ERROR)
+        self._settle(trial, N.Outcome.ERROR, {N.TAG_ERROR: why})
+        self._announce(trial, trials, N.Outcome.ERROR)
 
     def _name(self, trial) -> str:
         return run_name(trial.config, list(self.name_keys)) if self.name_keys else trial.trial_id
@@ -193,14 +195,14 @@ class TrialOutcomes(Callback):
                 if self._settle(trial, outcome) and trial.trial_id not in self._ended:
                     self._announce(trial, trials, outcome)
             elif trial.trial_id in stage.ended and trial.status == "ERROR":
-                self._settle(trial, N.OUTCOME_ERROR, {N.TAG_ERROR: error_line(trial)})
+                self._settle(trial, N.Outcome.ERROR, {N.TAG_ERROR: error_line(trial)})
             elif budget_spent:
-                self._settle(trial, N.OUTCOME_STOPPED_EARLY)
-                self._announce(trial, trials, N.OUTCOME_STOPPED_EARLY)
+                self._settle(trial, N.Outcome.STOPPED_EARLY)
+                self._announce(trial, trials, N.Outcome.STOPPED_EARLY)
             elif run.info.status == "RUNNING":  # Ctrl-C: Tune saved its state; --resume reopens this run
                 try:
                     client.set_terminated(run.info.run_id, "KILLED")
-                except Exception as exc:  # noqa: BLE001 - the next command settles it (tuning.orphans)
+                except Exception as exc:  # noqa: BLE001 - the next command settles it (tuning.tracking.liveness)
                     log.warning("MLflow: run %s not marked KILLED: %s", run.info.run_id, first_line(exc))
 
     def _settle(self, trial, outcome: str, tags: Mapping[str, str] | None = None) -> bool:
@@ -225,7 +227,7 @@ class TrialOutcomes(Callback):
                     return True  # failed before it could open its run: the summary still lists it
                 log_metrics(client, run_id, summary, step=summary[M.EPOCHS_COMPLETED])
                 set_tags(client, run_id, {N.TAG_OUTCOME: outcome, **(tags or {})})
-                client.set_terminated(run_id, "FAILED" if outcome == N.OUTCOME_ERROR else "FINISHED")
+                client.set_terminated(run_id, "FAILED" if outcome == N.Outcome.ERROR else "FINISHED")
                 stage.unsettled.pop(trial.trial_id, None)
                 return True
             except Exception as exc:  # noqa: BLE001 - a tracking outage must not end the experiment
@@ -275,36 +277,6 @@ class BudgetStopper(TimeoutStopper):
         return True
 
 
-# --------------------------------------------------------------------------- the summary
-
-
-@dataclass(frozen=True)
-class TrialRow:
-    """One trial as the stages report it."""
-
-    trial_id: str
-    config: dict[str, Any]
-    outcome: str
-    history: list[dict[str, float]] = field(default_factory=list)
-    run_id: str | None = None
-    run_name: str = ""
-    node: str = ""  # the Ray node it finished on: "<node id, 8 chars> <ip>"
-    error: str = ""  # a failed trial's error, its last line (tag `error`)
-
-    @property
-    def val_acc(self) -> float:
-        """Validation accuracy at the trial's last epoch (what selection uses)."""
-        return M.last_val_acc(self.history)
-
-    @property
-    def best_val_acc(self) -> float:
-        return M.best_val_acc(self.history)
-
-    @property
-    def epochs(self) -> int:
-        return len(self.history)
-
-
 class Interrupted(KeyboardInterrupt):
     """A stage stopped before all its trials finished (Ctrl-C); its state is saved."""
 
@@ -312,6 +284,7 @@ class Interrupted(KeyboardInterrupt):
 class StoreUnavailable(UserError):
     """Trials ended but the tracking store did not take their outcomes: nothing was interrupted, and
     the same command with --resume settles them once the store takes writes again."""
+
 
 
 def summarize(results, setup: TrialSetup, expected: int | None = None) -> list[TrialRow]:
@@ -322,8 +295,6 @@ def summarize(results, setup: TrialSetup, expected: int | None = None) -> list[T
     `Interrupted` when a trial has no outcome because it was cut (Ctrl-C), or when a search created
     fewer trials than asked without its time budget running out.
     """
-    from tuning.trainable import TAG_NODE_ID, TAG_NODE_IP
-
     stage = _STAGES.get(setup.parent_run_id) or _Stage(setup)
     try:
         client = client_for(setup.tracking_uri)
@@ -336,7 +307,7 @@ def summarize(results, setup: TrialSetup, expected: int | None = None) -> list[T
     for result in results:
         trial_id = str((result.metrics or {}).get("trial_id") or result.path.rstrip("/").split("/")[-1])
         run = runs.get(trial_id)
-        outcome = run.data.tags.get(N.TAG_OUTCOME) if run else (N.OUTCOME_ERROR if result.error else None)
+        outcome = run.data.tags.get(N.TAG_OUTCOME) if run else (N.Outcome.ERROR if result.error else None)
         if outcome is None or (run is not None and run.info.status in ("RUNNING", "KILLED")):
             if trial_id in stage.ended:
                 unsettled.append(trial_id)  # it ended; only its outcome is missing
@@ -364,83 +335,3 @@ def _history(result) -> list[dict[str, float]]:
     df = df.sort_values(EPOCH).drop_duplicates(EPOCH, keep="last")
     keep = [k for k in M.EPOCH_METRICS if k in df]
     return [{k: float(v) for k, v in row.items()} for row in df[keep].to_dict("records")]
-
-
-def best_row(rows: list[TrialRow]) -> TrialRow:
-    """The trial with the highest last-epoch validation accuracy; finished trials first.
-
-    A trial ASHA stopped after one epoch is not compared with ten-epoch trials unless nothing
-    ran to the end. Ties go to the trial that started first (Tune's trial order), so the choice
-    does not depend on which trial happened to finish first; `ties_at_top` lists them. Test data
-    is never looked at here.
-    """
-    return ties_at_top(rows)[0]
-
-
-def ties_at_top(rows: list[TrialRow]) -> list[TrialRow]:
-    """The trials `best_row` chooses among: those with the top last-epoch validation accuracy, among
-    the trials that ran to the end (among all scored trials if none did), in Tune's trial order.
-
-    The first is the one picked; more than one means a tie, which the stages print. Accuracies tie
-    when exactly equal: on one validation set they are counts over the same denominator.
-    """
-
-    pool = ranked(rows)
-    if not pool:
-        failed = next((r for r in rows if r.error), None)  # e.g. every trial's checkpoint hit a full disk
-        why = f" (trial {failed.run_name or failed.trial_id}: {failed.error})" if failed else ""
-        raise UserError(f"no trial produced a validation accuracy{why}; see the errors above")
-    return [r for r in pool if r.val_acc == pool[0].val_acc]
-
-
-def ranked(rows: list[TrialRow]) -> list[TrialRow]:
-    """The trials `best_row` chooses among (those that ran to the end, else all scored ones), best
-    first by last-epoch validation accuracy, ties in Tune's trial order: ``ranked(rows)[0]`` is the
-    best row. Only validation accuracy ranks them; test data is never looked at."""
-    scored = [r for r in rows if r.history and math.isfinite(r.val_acc)]
-    completed = [r for r in scored if r.outcome == N.OUTCOME_COMPLETED]
-    return sorted(completed or scored, key=lambda r: -r.val_acc)  # stable: ties keep the trial order
-
-
-def ensemble_candidates(rows: list[TrialRow], best_config: Mapping[str, Any], best_run_id: str | None,
-                        count: int) -> list[TrialRow]:
-    """The trials an ensemble adds to the best one (`best_config`, member 1, whichever way it was
-    picked): the next `count - 1` of `ranked(rows)`, leaving out the best trial's run and any
-    configuration already taken (a search may try one twice: retraining it again adds nothing)."""
-    from fer_model.config import TrainConfig
-
-    taken, chosen = [TrainConfig.from_dict(best_config).replace(epochs=1)], []
-    for row in ranked(rows):
-        if len(chosen) >= count - 1:
-            break
-        config = TrainConfig.from_dict(row.config).replace(epochs=1)  # the final stage sets the epochs
-        if (best_run_id and row.run_id == best_run_id) or config in taken:
-            continue
-        taken.append(config)
-        chosen.append(row)
-    return chosen
-
-
-def trial_rows(client, experiment_id: str, parent_run_id: str) -> list[TrialRow]:
-    """A finished stage's trials as rows, from its trial runs in MLflow (where `summarize` had Tune's
-    results): the configuration from the run's params (`TrainConfig.from_params`), the outcome its
-    driver settled, and the validation accuracy of each epoch (the only metric the histories hold).
-    Runs without an outcome (cut by Ctrl-C) are left out; rows come in Tune's trial order."""
-    from fer_model.config import TrainConfig
-    from fer_model.errors import ConfigError
-
-    rows = []
-    for trial_id, run in sorted(trial_runs(client, experiment_id, parent_run_id).items()):  # ids end in Tune's index
-        outcome = run.data.tags.get(N.TAG_OUTCOME)
-        if outcome is None or run.info.status in ("RUNNING", "KILLED"):
-            continue
-        try:
-            config = TrainConfig.from_params(run.data.params).to_dict()
-        except ConfigError as exc:
-            raise UserError(f"trial run {run.info.run_id}: its params are not a configuration this version reads: "
-                            f"{exc}") from None
-        by_epoch = {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, M.VAL_ACC),
-                                                    key=lambda m: (m.step, m.timestamp))}
-        rows.append(TrialRow(trial_id, config, outcome, [{M.VAL_ACC: by_epoch[e]} for e in sorted(by_epoch)],
-                             run.info.run_id, run.info.run_name))
-    return rows

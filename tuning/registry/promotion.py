@@ -27,6 +27,8 @@ from mlflow.tracking import MlflowClient
 from fer_model import metrics as M
 from fer_model.errors import UserError, first_line
 from tuning import names as N
+from tuning.tracking.store import sqlite_path
+from tuning.tracking.store import file_lock
 
 CHAMPION = "champion"
 NOT_PROMOTED = 3  # exit code: a decision, not an error
@@ -223,9 +225,6 @@ def promotion_lock(client: MlflowClient, model_name: str) -> Iterator[None]:
     """Hold ``<db>.promote-<model>.lock`` (an flock) when `client`'s registry is a sqlite file, so
     that promotions and rollbacks of one model on it take turns; a server's registry gets no lock
     (`_swap`'s compare-and-set is what guards it)."""
-    from tuning.flags import sqlite_path
-    from tuning.tracking import file_lock
-
     db = sqlite_path(getattr(client, "_registry_uri", None) or client.tracking_uri)
     if db is None:
         yield

@@ -10,15 +10,8 @@ import numpy as np
 
 from fer_model import metrics as M
 from fer_model.evaluate import plot_learning_curves, pyplot
-from tuning.outcomes import TrialRow, ties_at_top
-
-# The study's 10-epoch grid, measured on its test set (it had no validation split).
-STUDY_GRID_TEST_ACC = {
-    (0.3, 1e-3): 0.5730, (0.3, 1e-2): 0.4203, (0.3, 1e-4): 0.5295,
-    (0.5, 1e-3): 0.5598, (0.5, 1e-2): 0.2471, (0.5, 1e-4): 0.5159,
-    (0.7, 1e-3): 0.5626, (0.7, 1e-2): 0.2471, (0.7, 1e-4): 0.5028,
-}
-
+from tuning.spaces import STUDY_GRID_TEST_ACC
+from tuning.trials.rows import TrialRow, ties_at_top
 
 def varying_keys(rows: Sequence[TrialRow]) -> list[str]:
     keys = sorted({k for r in rows for k in r.config})

@@ -15,7 +15,7 @@ import sys
 import threading
 
 from fer_model.errors import UserError
-from tuning.flags import check_ray_address
+from tuning.options import check_ray_address
 
 EVERY_S = 5.0
 MISSES = 4  # 20 s without the head: gone, not a blip (a head restart takes longer and loses the cluster anyway)

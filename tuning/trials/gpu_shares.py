@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import subprocess
-from typing import Any, Mapping
+from typing import Any
 
 # The study's CNN (2,452,999 parameters) at batch 32, as torch's allocator would count it
 # (`gpu_peak_memory_mb`): the 1024-image validation batch dominates (conv2's output, 1024 x 64 x 48 x 48
@@ -30,14 +30,6 @@ MEMORY_HEADROOM = 0.9  # of the GPU's memory trials may fill: other processes, f
 MAX_TRIALS_PER_GPU = 4
 DEFAULT_GPU_SHARE = 1 / MAX_TRIALS_PER_GPU  # where the GPU's memory is unknown
 GPU_PROBE_TIMEOUT_S = 30.0  # a cluster whose GPUs are all busy answers late: then the default above
-
-
-def check_share(value: float | None, flag: str = "--gpus-per-trial") -> None:
-    """Refuse a GPU share outside 0..1 (NaN too): a trial trains on one device, and 0 means no GPU."""
-    from fer_model.errors import ConfigError
-
-    if value is not None and not 0 <= value <= 1:
-        raise ConfigError(f"{flag} must be within 0..1 (a share of one GPU; 0: no GPU), got {value:g}")
 
 
 def trials_per_gpu(gpu_memory_mb: float, trial_footprint_mb: float = TRIAL_FOOTPRINT_MB) -> int:
