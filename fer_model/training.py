@@ -50,6 +50,8 @@ class FitStatus(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    __hash__ = str.__hash__  # one key with its string in a dict or set (Enum hashes names)
+
 
 @dataclass
 class EpochResult:

@@ -53,6 +53,8 @@ class Outcome(str, Enum):
     def __str__(self) -> str:  # f-strings and MLflow tags show the value on every Python version
         return self.value
 
+    __hash__ = str.__hash__  # a member and its stored string are one key in a dict or set (Enum hashes names)
+
 
 class RunStatus(str, Enum):
     """MLflow's run statuses, as its store spells them (mlflow.entities.RunStatus), in one place."""
@@ -64,6 +66,8 @@ class RunStatus(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+    __hash__ = str.__hash__
 
 
 UNFINISHED = (RunStatus.RUNNING, RunStatus.KILLED, RunStatus.FAILED)  # a stage run --resume may continue

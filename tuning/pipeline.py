@@ -325,7 +325,7 @@ def resume_grid(opts: CommonOptions, asked: GridInputs, asked_search: SearchOpti
 def _continue_chain(ctx: StageContext, grid_run_id: str, inputs: GridInputs, chain: Chain, restore: bool = False) -> StageResult:
     """The grid chain from wherever it is: each stage runs unless it finished before (on a --resume)."""
     run = ctx.client.get_run(grid_run_id)
-    if restore and run.info.status == "FINISHED":
+    if restore and run.info.status == N.RunStatus.FINISHED:
         result = _finished_stage(ctx, run)
     else:
         result = grid(ctx, inputs, grid_run_id, run.data.tags[N.TAG_TUNE_PATH] if restore else None,
@@ -335,7 +335,7 @@ def _continue_chain(ctx: StageContext, grid_run_id: str, inputs: GridInputs, cha
         then = then_text(None, chain.final)
         if found is None:
             result = search(ctx, chain.search, result.best.config, chained_from=grid_run_id, then=then)
-        elif found.info.status == "FINISHED":
+        elif found.info.status == N.RunStatus.FINISHED:
             result = _finished_stage(ctx, found)
         else:
             options = dataclasses.replace(chain.search, resume=True, study_name=found.data.tags[N.TAG_STUDY])
@@ -365,14 +365,14 @@ def _final_done(ctx: StageContext, source_run_id: str) -> bool | ModelVersion:
     adopted version is returned (its promotion, if asked, had not happened)."""
     query = f"tags.`{N.TAG_PARENT}` = '{source_run_id}' and tags.`{N.TAG_STAGE}` = '{N.STAGE_FINAL}'"
     runs = ctx.client.search_runs([ctx.experiment_id], query, max_results=20)
-    if any(r.info.status == "FINISHED" for r in runs):
+    if any(r.info.status == N.RunStatus.FINISHED for r in runs):
         return True
     for run in runs:
         versions = [v for v in ctx.client.search_model_versions(f"run_id = '{run.info.run_id}'")
                     if v.status == "READY"]
         if versions:
             set_tags(ctx.client, run.info.run_id, {N.TAG_OUTCOME: N.Outcome.COMPLETED})
-            ctx.client.set_terminated(run.info.run_id, "FINISHED")
+            ctx.client.set_terminated(run.info.run_id, N.RunStatus.FINISHED)
             print(f"final run {run.info.run_id} ({run.info.status.lower()}) had registered {versions[0].name} version "
                   f"{versions[0].version} before its driver stopped: adopted, not retrained")
             return versions[0]
@@ -439,7 +439,7 @@ def retrain(opts: CommonOptions, source_run_id: str) -> FinalResult:
 def start_config(ctx: StageContext, start_from: str) -> dict[str, Any]:
     """The best configuration of a grid or search run (or of the latest finished grid)."""
     if start_from == LATEST_GRID:
-        run = latest_stage_run(ctx.client, ctx.experiment_id, N.STAGE_GRID, statuses=("FINISHED",))
+        run = latest_stage_run(ctx.client, ctx.experiment_id, N.STAGE_GRID, statuses=(N.RunStatus.FINISHED,))
         if run is None:
             raise UserError(f"--start-from {LATEST_GRID}: no finished grid run in experiment {ctx.tracking.experiment!r}")
         start_from = run.info.run_id

@@ -32,7 +32,7 @@ from tuning.tracking.store import file_lock
 
 CHAMPION = "champion"
 NOT_PROMOTED = 3  # exit code: a decision, not an error
-FINISHED = "FINISHED"  # the only run status whose model is the whole training's
+FINISHED = N.RunStatus.FINISHED  # the only run status whose model is the whole training's
 SWAP_TRIES = 5  # compare-and-set rounds before giving up on an alias other commands keep moving
 
 # Tags a decision leaves on the candidate version.

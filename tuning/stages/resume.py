@@ -21,13 +21,13 @@ from tuning.trials.runner import can_restore
 def stage_done(run) -> bool:
     """A stage run with nothing left to do: FINISHED, and (a grid) every stage of its chain too."""
     tags = run.data.tags
-    return run.info.status == "FINISHED" and (N.TAG_CHAIN not in tags or N.TAG_CHAIN_DONE in tags)
+    return run.info.status == N.RunStatus.FINISHED and (N.TAG_CHAIN not in tags or N.TAG_CHAIN_DONE in tags)
 
 
 def check_can_continue(ctx: StageContext, run, what: str) -> str:
     """The Tune path of `run` if it can be resumed here; else a UserError that says why."""
     run_id, tags = run.info.run_id, run.data.tags
-    if run.info.status == "RUNNING" and driver_alive(tags):
+    if run.info.status == N.RunStatus.RUNNING and driver_alive(tags):
         raise UserError(f"--resume: {what} run {run_id} is still running "
                         f"(host {tags.get(N.TAG_DRIVER_HOST)}, pid {tags.get(N.TAG_DRIVER_PID)})")
     was_uri = tags.get(N.TAG_TRACKING_URI)
@@ -45,7 +45,7 @@ def check_can_continue(ctx: StageContext, run, what: str) -> str:
     if not path.startswith(storage):
         raise UserError(f"--resume: the Tune state of {what} run {run_id} ({path or 'none recorded'}) is not under "
                         f"--storage {ctx.cluster.storage}; pass the --storage it ran with")
-    if run.info.status != "FINISHED" and not can_restore(path):
+    if run.info.status != N.RunStatus.FINISHED and not can_restore(path):
         raise UserError(f"--resume: the Tune experiment of {what} run {run_id} ({path}) cannot be restored")
     return path
 

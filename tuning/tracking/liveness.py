@@ -87,7 +87,7 @@ def driver_alive(tags: dict[str, str], now: float | None = None) -> bool:
 def settle_orphans(client: MlflowClient, experiment_id: str, keep: Iterable[str] = ()) -> list[str]:
     """Mark KILLED (outcome driver_lost) the RUNNING runs of dead drivers and their RUNNING trials."""
     keep = set(keep)
-    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
+    running = client.search_runs([experiment_id], f"attributes.status = '{N.RunStatus.RUNNING.value}'", max_results=5000)
     dead = {r.info.run_id for r in running
             if r.data.tags.get(N.TAG_STAGE) != N.STAGE_TRIAL and r.info.run_id not in keep and not driver_alive(r.data.tags)}
     settled = []
@@ -97,7 +97,7 @@ def settle_orphans(client: MlflowClient, experiment_id: str, keep: Iterable[str]
             continue
         try:
             client.set_tag(r.info.run_id, N.TAG_OUTCOME, N.Outcome.DRIVER_LOST)
-            client.set_terminated(r.info.run_id, "KILLED")
+            client.set_terminated(r.info.run_id, N.RunStatus.KILLED)
             settled.append(r.info.run_id)
         except Exception as exc:  # noqa: BLE001 - settling is best effort; the next command tries again
             log.warning("run %s could not be settled: %s", r.info.run_id, exc)

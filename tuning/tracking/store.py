@@ -321,16 +321,16 @@ def tracked_run(client: MlflowClient, run_id: str, heartbeat: float | None = HEA
     """The one place a stage or final run's status is set: RUNNING inside (with this driver's tags and
     a heartbeat), then FINISHED on success, KILLED on Ctrl-C, FAILED on an error."""
     set_tags(client, run_id, driver_tags())
-    client.update_run(run_id, status="RUNNING")
+    client.update_run(run_id, status=N.RunStatus.RUNNING)
     beat = Heartbeat(client, run_id, heartbeat) if heartbeat else None
     if beat:
         beat.start()
-    status = "FAILED"
+    status = N.RunStatus.FAILED
     try:
         yield run_id
-        status = "FINISHED"
+        status = N.RunStatus.FINISHED
     except KeyboardInterrupt:
-        status = "KILLED"
+        status = N.RunStatus.KILLED
         raise
     finally:
         if beat:

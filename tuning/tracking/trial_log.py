@@ -55,7 +55,7 @@ class TrialTracker:
         all_tags = {N.TAG_PARENT: parent_run_id, N.TAG_STAGE: N.STAGE_TRIAL, N.TAG_TRIAL_ID: trial_id, **tags}
         if run is None:
             return cls(client, create_run(client, experiment_id, run_name, all_tags, params), 0)
-        client.update_run(run.info.run_id, status="RUNNING")
+        client.update_run(run.info.run_id, status=N.RunStatus.RUNNING)
         set_tags(client, run.info.run_id, tags)  # where it runs now (another node after a node loss)
         history = client.get_metric_history(run.info.run_id, M.VAL_ACC)
         return cls(client, run.info.run_id, max((m.step for m in history), default=0))

@@ -125,7 +125,7 @@ class TrialOutcomes(Callback):
         if time.time() - self._last_line < PROGRESS_EVERY_S or int(result.get(EPOCH, 0)) >= int(trial.config.get("epochs", 0)):
             return  # printed a minute ago, or the trial's last epoch: its end line follows at once
         val = f"val {100 * result[M.VAL_ACC]:.2f}%" if M.VAL_ACC in result else "no validation accuracy yet"
-        running = sum(t.status == "RUNNING" for t in trials)
+        running = sum(t.status == "RUNNING" for t in trials)  # Tune's trial status, not an MLflow run's
         self._print(f"  trial {self._name(trial)}: epoch {result.get(EPOCH, '?')}/{trial.config.get('epochs', '?')}, "
                     f"{val} [{self._count(trials)} done, {running} running]")
 
@@ -199,9 +199,9 @@ class TrialOutcomes(Callback):
             elif budget_spent:
                 self._settle(trial, N.Outcome.STOPPED_EARLY)
                 self._announce(trial, trials, N.Outcome.STOPPED_EARLY)
-            elif run.info.status == "RUNNING":  # Ctrl-C: Tune saved its state; --resume reopens this run
+            elif run.info.status == N.RunStatus.RUNNING:  # Ctrl-C: Tune saved its state; --resume reopens this run
                 try:
-                    client.set_terminated(run.info.run_id, "KILLED")
+                    client.set_terminated(run.info.run_id, N.RunStatus.KILLED)
                 except Exception as exc:  # noqa: BLE001 - the next command settles it (tuning.tracking.liveness)
                     log.warning("MLflow: run %s not marked KILLED: %s", run.info.run_id, first_line(exc))
 
@@ -227,7 +227,7 @@ class TrialOutcomes(Callback):
                     return True  # failed before it could open its run: the summary still lists it
                 log_metrics(client, run_id, summary, step=summary[M.EPOCHS_COMPLETED])
                 set_tags(client, run_id, {N.TAG_OUTCOME: outcome, **(tags or {})})
-                client.set_terminated(run_id, "FAILED" if outcome == N.Outcome.ERROR else "FINISHED")
+                client.set_terminated(run_id, N.RunStatus.FAILED if outcome == N.Outcome.ERROR else N.RunStatus.FINISHED)
                 stage.unsettled.pop(trial.trial_id, None)
                 return True
             except Exception as exc:  # noqa: BLE001 - a tracking outage must not end the experiment
@@ -250,7 +250,7 @@ def _sleep_unless_stopping(seconds: float) -> None:
 
 def settled(run) -> bool:
     """Whether a trial run's outcome is recorded and the run closed (KILLED runs are not: --resume reopens them)."""
-    return run.info.status in ("FINISHED", "FAILED") and N.TAG_OUTCOME in run.data.tags
+    return run.info.status in (N.RunStatus.FINISHED, N.RunStatus.FAILED) and N.TAG_OUTCOME in run.data.tags
 
 
 class BudgetStopper(TimeoutStopper):
@@ -308,7 +308,7 @@ def summarize(results, setup: TrialSetup, expected: int | None = None) -> list[T
         trial_id = str((result.metrics or {}).get("trial_id") or result.path.rstrip("/").split("/")[-1])
         run = runs.get(trial_id)
         outcome = run.data.tags.get(N.TAG_OUTCOME) if run else (N.Outcome.ERROR if result.error else None)
-        if outcome is None or (run is not None and run.info.status in ("RUNNING", "KILLED")):
+        if outcome is None or (run is not None and run.info.status in (N.RunStatus.RUNNING, N.RunStatus.KILLED)):
             if trial_id in stage.ended:
                 unsettled.append(trial_id)  # it ended; only its outcome is missing
             else:

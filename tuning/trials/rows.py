@@ -106,7 +106,7 @@ def trial_rows(client, experiment_id: str, parent_run_id: str) -> list[TrialRow]
     rows = []
     for trial_id, run in sorted(trial_runs(client, experiment_id, parent_run_id).items()):  # ids end in Tune's index
         outcome = run.data.tags.get(N.TAG_OUTCOME)
-        if outcome is None or run.info.status in ("RUNNING", "KILLED"):
+        if outcome is None or run.info.status in (N.RunStatus.RUNNING, N.RunStatus.KILLED):
             continue
         try:
             config = TrainConfig.from_params(run.data.params).to_dict()
