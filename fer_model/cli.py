@@ -13,6 +13,7 @@ import sys
 import threading
 from typing import Any, Callable, Mapping, Sequence
 
+from fer_model.config import ARCHITECTURES, DEFAULT_ARCH, TrainConfig, model_option_names, option
 from fer_model.errors import UserError, storage_error
 
 USAGE_ERROR = 2
@@ -46,8 +47,6 @@ def add_train_flags(parser: argparse._ActionsContainer, help_for: Mapping[str, s
 
     All default to None, meaning "not given", so presets and stage defaults fill the rest.
     """
-    from fer_model.config import ARCHITECTURES, DEFAULT_ARCH, TrainConfig, model_option_names, option
-
     help_for = help_for or {}
     if "arch" not in skip:
         parser.add_argument("--arch", default=None, choices=list(ARCHITECTURES),

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from fer_model.cli import Parser, run_cli
 from fer_model.config import CLASS_NAMES, DEFAULT_CACHE_MAX, IMAGE_SIZE, NUM_CLASSES, DataConfig
 from fer_model.errors import DataError, first_line
 
@@ -558,6 +559,8 @@ def _place(name: str) -> tuple[int, int] | None:
 def _read_image_tree(
     entries: Iterable[tuple[str, Callable[[], bytes]]], total: int, source: str, progress: bool
 ) -> RawDataset:
+    # Not at the top: fer_model.inputs imports torch (1.4 s here); a CSV source, `python -m fer_model.data` and
+    # tuning.predict's --help do without it.
     from fer_model.inputs import ImageError, is_gray48, open_image, to_gray48
 
     images, labels, usage = [], [], []
@@ -628,8 +631,6 @@ __all__ = [
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``--cache-info`` or ``--cache-clear`` on the decoded-data cache."""
-    from fer_model.cli import Parser
-
     p = Parser(prog="python -m fer_model.data", allow_abbrev=False,
                description="Inspect or empty the decoded-FER2013 cache.")
     what = p.add_mutually_exclusive_group(required=True)
@@ -656,6 +657,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from fer_model.cli import run_cli
-
     sys.exit(run_cli(main))

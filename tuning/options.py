@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from fer_model.config import TTA_MODES, DataConfig
+from fer_model.config import DEFAULT_CACHE_MAX, TTA_MODES, DataConfig
 from fer_model.errors import ConfigError, DataError, UserError, first_line
 from tuning.names import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
 from tuning.spaces import NAMED_SPACES, load_space, validate_space
@@ -34,8 +34,6 @@ def _or(value: Any, default: Any) -> Any:
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
-    from fer_model.config import DEFAULT_CACHE_MAX
-
     g = p.add_argument_group("data")
     g.add_argument("--data", help="FER2013 folder, .zip, .tar.gz or .csv (else $FER2013_DATA, ./data/fer2013, kagglehub)")
     g.add_argument("--max-samples", type=int, help="use a stratified subset of this many Training images (test cut alike)")
@@ -47,8 +45,6 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
-    from fer_model.config import DEFAULT_CACHE_MAX
-
     if args.data and not Path(args.data).expanduser().exists():
         raise DataError(f"--data {args.data!r} does not exist")
     return DataConfig(args.data, _or(args.val_fraction, 0.1), args.max_samples, _or(args.data_seed, 0), args.cache_dir,
@@ -257,7 +253,7 @@ def final_options(args: argparse.Namespace, trial_epochs: int | None = None,
         epochs, why = DEFAULT_FINAL_EPOCHS, "the study's; --final-epochs sets it"
     if epochs < 1:
         raise ConfigError(f"--final-epochs must be >= 1, got {epochs}")
-    from fer_model.device import resolve_device  # torch: only once the flags parsed
+    from fer_model.device import resolve_device  # torch (1.4 s here): not for --help, nor a bad flag
 
     resolve_device(args.device)  # the final stage runs there: refuse a device this machine lacks now
     enabled = not getattr(args, "no_final", None)

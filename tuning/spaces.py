@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from fer_model.config import TrainConfig, flat_keys, model_option_names, option
 from fer_model.errors import ConfigError
 from fer_model.presets import STUDY_PROTOCOL
-from fer_model.config import TrainConfig, flat_keys
 
 # The study's grid: dropout x learning rate, everything else as in the study, 10 epochs a trial.
 STUDY_GRID: dict[str, list[Any]] = {"dropout": [0.3, 0.5, 0.7], "lr": [1e-3, 1e-2, 1e-4]}
@@ -168,8 +168,6 @@ def _is_int_field(key: str) -> bool:
 
 
 def _all_option_defaults() -> dict[str, Any]:
-    from fer_model.config import model_option_names, option
-
     return {name: option(name).default for name in model_option_names()}
 
 

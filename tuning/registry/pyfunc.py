@@ -28,8 +28,12 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+import fer_model
+import tuning
 from fer_model.config import CLASS_NAMES, check_tta
-from fer_model.inputs import ImageError, image_batch
+from fer_model.ensemble import average
+from fer_model.inputs import ImageError, image_batch, predict_proba
+from fer_model.model import load_network, save_network
 
 IMAGE_COLUMN = "image"
 LABEL, EMOTION = "label", "emotion"
@@ -45,8 +49,6 @@ class FerClassifier(mlflow.pyfunc.PythonModel):
     """Images in, emotions out; the mean of its members' class probabilities."""
 
     def load_context(self, context) -> None:
-        from fer_model.model import load_network
-
         keys = sorted((k for k in context.artifacts if k.startswith(MEMBER_PREFIX)), key=lambda k: int(k[len(MEMBER_PREFIX):]))
         self.members = [load_network(context.artifacts[k]) for k in keys]
         self.tta = check_tta((context.model_config or {}).get(TTA_CONFIG, "none"))
@@ -73,9 +75,6 @@ def images_from_frame(frame: Any):
 def member_probabilities(members: Sequence, images, tta: str = "none") -> np.ndarray:
     """The members' mean class probabilities (N, 7) for uint8 images, each with test-time augmentation `tta`
     (averaged as the final stage evaluated the ensemble: `fer_model.ensemble.average`)."""
-    from fer_model.ensemble import average
-    from fer_model.inputs import predict_proba
-
     return average([predict_proba(model, images, spec.outputs_probabilities, tta=tta, device="cpu")
                     for model, spec in members]).numpy()
 
@@ -114,10 +113,6 @@ def save(path: Path, networks: Sequence[tuple[Any, Any]], example_image: np.ndar
     import tempfile
 
     import torch
-
-    import fer_model
-    import tuning
-    from fer_model.model import save_network
 
     with tempfile.TemporaryDirectory() as d:
         code = []

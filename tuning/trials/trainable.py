@@ -21,9 +21,19 @@ from fer_model import metrics as M
 from fer_model.config import TrainConfig
 from fer_model.data import FerData
 from fer_model.training import EpochResult, fit, load_checkpoint, save_checkpoint
-from tuning.names import DIVERGED, EPOCH, RUN_ID, TAG_GPU_IDS, TAG_GPU_SHARE, TAG_NODE_ID, TAG_NODE_IP, TAG_RESUMED_FROM
-from tuning.trials import phases
+from tuning.names import (
+    DIVERGED,
+    EPOCH,
+    RUN_ID,
+    TAG_GPU_IDS,
+    TAG_GPU_SHARE,
+    TAG_NODE_ID,
+    TAG_NODE_IP,
+    TAG_RESUMED_FROM,
+    config_name,
+)
 from tuning.tracking.trial_log import TrialTracker
+from tuning.trials import phases
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -57,8 +67,6 @@ class GpuNotVisible(RuntimeError):
 def run_name(config: dict[str, Any], keys: list[str]) -> str:
     """A trial run's name from the values that vary between trials: ``d0.3 lr1e-3`` in the grid,
     ``adamw b64 lr3.2e-4 d0.41`` in the search (Tune's trial id stays a tag, `names.TAG_TRIAL_ID`)."""
-    from tuning.names import config_name
-
     return config_name(config, keys) or "trial"
 
 
