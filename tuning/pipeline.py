@@ -251,11 +251,11 @@ def describe_final(result: FinalResult, version: ModelVersion | None, full_data:
     test images are another test)."""
     beside = f" (the study: {100 * study_acc:.2f}%)" if full_data else ""
     tta = f"; {result.tta_line()}" if result.tta_evaluation is not None else ""
-    members = f"{len(result.members)} members x " if result.members else ""
+    members = f"{len(result.members)} members x " if result.ensemble else ""
     text = (f"final: {members}{result.inputs.config.epochs} epochs in {result.train_seconds:.0f} s; "
             f"{'member 1: ' if members else ''}{result.weights_line()}; "
             f"{describe_test(result.evaluation.metrics)}{beside}{tta}\n")
-    if result.members:
+    if result.ensemble:
         text += f"{result.ensemble_line()}\n"
     if version is not None:
         return text + f"registered: {version.name} version {version.version} (run {result.run_id})"

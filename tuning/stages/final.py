@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from fer_model import metrics as M
 from fer_model.config import TrainConfig, check_tta
-from fer_model.evaluate import (LEARNING_CURVES_PNG, Evaluation, evaluate, evaluate_probabilities, plot_learning_curves,
+from fer_model.evaluate import (LEARNING_CURVES_PNG, Evaluation, evaluate_probabilities, plot_learning_curves,
                                 describe_test, save_evaluation)
 from fer_model.training import FitResult, FitStatus, fit
 from tuning.reporting import describe
@@ -120,8 +120,8 @@ class FinalResult:
     train_seconds: float
     model_epoch: int = 0  # the epoch (1-based) whose weights `model` holds: the best on validation
     tta_evaluation: Evaluation | None = None  # with inputs.tta; `evaluation` is always without
-    # With an ensemble: the members it averages, in rank order (the first is `model`), and with auto the
-    # validation accuracy of the first 1, 2, ... trained members averaged (what chose their number).
+    # The members it averages, in rank order (the first is `model`; the only one without --ensemble), and with
+    # auto the validation accuracy of the first 1, 2, ... trained members averaged (what chose their number).
     members: list["Member"] = field(default_factory=list)
     ensemble_val_accs: list[float] = field(default_factory=list)
 
@@ -131,13 +131,18 @@ class FinalResult:
 
     @property
     def networks(self) -> list[tuple[Any, Any]]:
-        """What the registered model holds: (network, ModelSpec) of each member, or of the one model."""
-        return [(m.model, m.config.model) for m in self.members] or [(self.model, self.inputs.config.model)]
+        """What the registered model holds: (network, ModelSpec) of each member (one without --ensemble)."""
+        return [(m.model, m.config.model) for m in self.members]
+
+    @property
+    def ensemble(self) -> bool:
+        """Whether --ensemble asked for members beyond the best trial (auto may still keep only one)."""
+        return self.inputs.ensemble is not None
 
     def ensemble_line(self) -> str:
         """The ensemble in one line, e.g. ``ensemble of 3: test accuracy 61.20% (members 58.10%, 57.90%,
         57.50%)``, with TTA and auto's validation accuracies when there are; empty without an ensemble."""
-        if not self.members:
+        if not self.ensemble:
             return ""
         pct = lambda v: f"{100 * v:.2f}%"
         line = (f"ensemble of {len(self.members)}: test accuracy {pct(self.evaluation.metrics[M.TEST_ACC])} "
@@ -197,23 +202,18 @@ def run(ctx: StageContext, run_id: str, inputs: FinalInputs) -> FinalResult:
     result = fit(inputs.config, ctx.data, device=device, keep_best=True,
                  on_epoch=lambda r: log_metrics(ctx.client, run_id, r.metrics, step=r.epoch))
     train_seconds = time.perf_counter() - t0
-    members, val_accs, metrics = [], [], {}
-    if inputs.ensemble is None or result.status == FitStatus.DIVERGED:  # a diverged best trial ends it: not registered
-        ev = evaluate(result.model, inputs.config.model, ctx.data.test, device)
-        tta_ev = evaluate(result.model, inputs.config.model, ctx.data.test, device, tta=inputs.tta) \
-            if inputs.tta != "none" else None
-    else:
-        members, val_accs, metrics, train_seconds = _ensemble(ctx, run_id, inputs, result, train_seconds, device)
-        ev = _evaluate_average(ctx, [m.test_probs for m in members])
-        tta_ev = _evaluate_average(ctx, [m.test_probs_tta for m in members]) if inputs.tta != "none" else None
+    # One model is an ensemble of one: the same members, the same averaged evaluation (of one, the model's own).
+    members, val_accs, metrics, train_seconds = _ensemble(ctx, run_id, inputs, result, train_seconds, device)
+    ev = _evaluate_average(ctx, [m.test_probs for m in members])
+    tta_ev = _evaluate_average(ctx, [m.test_probs_tta for m in members]) if inputs.tta != "none" else None
     metrics.update({**ev.metrics, **M.summary(result.history), "train_seconds": train_seconds,
                     M.BEST_EPOCH: result.model_epoch})
     if tta_ev is not None:
         metrics.update(M.with_tta(tta_ev.metrics))
     log_metrics(ctx.client, run_id, metrics)
     with tempfile.TemporaryDirectory() as d:
-        files = save_evaluation(ev, d, None if members else result.history, title="(final)")
-        if members:  # every member's learning curves in one figure
+        files = save_evaluation(ev, d, result.history if len(members) == 1 else None, title="(final)")
+        if len(members) > 1:  # every member's learning curves in one figure
             files.append(plot_learning_curves({f"member {m.rank}": m.fitted.history for m in members},
                                               Path(d) / LEARNING_CURVES_PNG, title="(final)"))
         log_files(ctx.client, run_id, files, EVALUATION_DIR)
@@ -224,10 +224,10 @@ def run(ctx: StageContext, run_id: str, inputs: FinalInputs) -> FinalResult:
         status=result.status, train_seconds=train_seconds, test_size=len(ctx.data.test), fingerprint=ctx.data.fingerprint,
         full_data=ctx.data_config.max_samples is None, epochs_run=len(result.history))
     tta_text = final.tta_line()
-    note += f"\n\nEvaluated (and registered): {'member 1, ' if members else ''}the {final.weights_line()}."
+    note += f"\n\nEvaluated (and registered): {'member 1, ' if final.ensemble else ''}the {final.weights_line()}."
     note += f" {tta_text[:1].upper()}{tta_text[1:]}." if tta_text else ""
     tags = {N.TAG_OUTCOME: N.Outcome(result.status.value)}
-    if members:
+    if final.ensemble:
         names = [N.config_name(m.config.to_dict(), N.FINAL_NAME_KEYS) for m in members]
         note += (f"\n\nAn {final.ensemble_line()}. Its members, by their trials' validation accuracy: " + "; ".join(
             f"{m.rank}. `{name}` (trial run `{m.trial_run_id or '-'}`)" for m, name in zip(members, names)) + ".")
@@ -238,8 +238,9 @@ def run(ctx: StageContext, run_id: str, inputs: FinalInputs) -> FinalResult:
 
 def _ensemble(ctx: StageContext, run_id: str, inputs: FinalInputs, first: FitResult, first_seconds: float,
               device) -> tuple[list[Member], list[float], dict[str, float], float]:
-    """Member 1 (`first`, trained already) and the candidates retrained in rank order, as the single model
-    is; with auto, until one does not raise the averaged validation accuracy (it is then left out).
+    """Member 1 (`first`, trained already) and the candidates retrained in rank order as member 1 was (none
+    without --ensemble: an ensemble of one); with auto, until one does not raise the averaged validation
+    accuracy (it is then left out). A diverged member 1 ends it: that result is never registered.
 
     Returns the members kept, auto's validation accuracy of each number of members tried, the metrics of
     every member trained, and the seconds all training took. A candidate whose training diverged is left
@@ -248,6 +249,8 @@ def _ensemble(ctx: StageContext, run_id: str, inputs: FinalInputs, first: FitRes
     auto = inputs.ensemble == ENSEMBLE_AUTO
     trained = [_member(ctx, inputs, 1, inputs.config, inputs.best_trial_run_id, first, first_seconds, device, auto)]
     seconds = first_seconds
+    if inputs.ensemble is None or first.status == FitStatus.DIVERGED:  # its numbers are the final run's own
+        return trained, [], {}, seconds
     for rank, candidate in enumerate(inputs.candidates, 2):
         name = N.config_name(candidate.config.to_dict(), N.FINAL_NAME_KEYS)
         print(f"ensemble member {rank}: retraining trial run {candidate.trial_run_id or '-'} ({name}, validation "

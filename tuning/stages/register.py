@@ -43,7 +43,7 @@ def version_tags(ctx: StageContext, final: FinalResult) -> dict[str, str]:
     tags.update({M.BEST_EPOCH: str(final.model_epoch), TTA_PARAM: final.inputs.tta})
     if final.tta_evaluation is not None:
         tags[M.TEST_ACC_TTA] = f"{final.tta_evaluation.metrics[M.TEST_ACC]:.4f}"
-    if final.members:  # an ensemble: how many networks it averages, and which trials they retrained
+    if final.ensemble:  # how many networks it averages, and which trials they retrained
         tags.update({M.ENSEMBLE_SIZE: str(len(final.members)),
                      N.TAG_MEMBER_TRIAL_RUNS: ",".join(m.trial_run_id or "" for m in final.members)})
     return tags
@@ -80,7 +80,8 @@ def register(ctx: StageContext, final: FinalResult) -> ModelVersion | None:
 
 def _model_facts(final: FinalResult) -> dict:
     return {"config": final.inputs.config.to_dict(), "parameters": count_parameters(final.model),
-            "outputs_probabilities": final.inputs.config.model.outputs_probabilities, "members": len(final.members)}
+            "outputs_probabilities": final.inputs.config.model.outputs_probabilities,
+            "members": len(final.members) if final.ensemble else 0}
 
 
 def version_description(ctx: StageContext, final: FinalResult) -> str:
