@@ -14,6 +14,7 @@ from fer_model import metrics as M
 from fer_model.presets import STUDY_TEST_ACC
 from tuning import names as N
 from tuning.names import FINAL_NAME_KEYS, config_name, value_text
+from tuning.reporting import report
 from tuning.spaces import STUDY_GRID_TEST_ACC
 from tuning.trials.rows import TrialRow
 from fer_model.config import ARCHITECTURES
@@ -40,11 +41,6 @@ def experiment_url(base_url: str, experiment_id: str) -> str:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.2f}%"
-
-
-def _varying(rows: Sequence["TrialRow"]) -> list[str]:
-    keys = sorted({k for r in rows for k in r.config})
-    return [k for k in keys if len({repr(r.config.get(k)) for r in rows}) > 1]
 
 
 def _config_table(config: Mapping[str, Any], first: Sequence[str] = ()) -> str:
@@ -86,15 +82,13 @@ def grid_description(rows: Sequence["TrialRow"], best: "TrialRow", dropouts: Seq
     """The grid run's description: the dropout x lr table of final validation accuracy (the study's
     test accuracy beside it on the full data), then the best trial and its configuration."""
     keys = ("dropout", "lr")
-    dropouts = list(dropouts) if dropouts else sorted({float(r.config["dropout"]) for r in rows if "dropout" in r.config})
-    lrs = list(lrs) if lrs else sorted({float(r.config["lr"]) for r in rows if "lr" in r.config}, reverse=True)
-    cell = {(float(r.config.get("dropout", math.nan)), float(r.config.get("lr", math.nan))): r for r in rows}
+    axes = report.grid_axes(rows)
+    dropouts, lrs = list(dropouts or axes[0]), list(lrs or axes[1])
     text = [_headline(N.STAGE_GRID, rows, best, keys), "",
             "| dropout \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
-    for d in dropouts:
+    for d, line in zip(dropouts, report.grid_cells(rows, dropouts, lrs)):
         cells = []
-        for lr in lrs:
-            row = cell.get((d, lr))
+        for lr, row in zip(lrs, line):
             ours = _pct(row.val_acc) if row else "n/a"
             ours = f"**{ours}**" if row is not None and row is best else ours
             study = STUDY_GRID_TEST_ACC.get((d, lr))
@@ -111,7 +105,7 @@ def grid_description(rows: Sequence["TrialRow"], best: "TrialRow", dropouts: Seq
 
 def search_description(rows: Sequence["TrialRow"], best: "TrialRow", study_name: str | None = None, top: int = 5) -> str:
     """The search run's description: its top trials by validation accuracy, then the best configuration."""
-    keys = _varying(rows)
+    keys = report.varying_keys(rows)
     ranked = sorted((r for r in rows if math.isfinite(r.val_acc)), key=lambda r: -r.val_acc)[:top]
     text = [_headline(N.STAGE_SEARCH, rows, best, keys), "",
             "| # | run | val acc | best val acc | epochs | outcome | " + " | ".join(keys) + " |",

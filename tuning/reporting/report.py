@@ -44,13 +44,24 @@ def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+def grid_axes(rows: Sequence[TrialRow]) -> tuple[list[float], list[float]]:
+    """The grid's dropouts and lrs in the order its trials were made (Tune's trial order: the order the
+    flags gave them), for a table made from the rows alone (a run's MLflow description)."""
+    axis = lambda key: list(dict.fromkeys(float(r.config[key]) for r in rows if key in r.config))
+    return axis("dropout"), axis("lr")
+
+
+def grid_cells(rows: Sequence[TrialRow], dropouts: Sequence[float], lrs: Sequence[float]) -> list[list[TrialRow | None]]:
+    """The trial of each (dropout, lr) cell, dropouts down and lrs across: what both the console's table
+    and the grid run's MLflow description lay out, in one order."""
+    at = {(float(r.config.get("dropout", np.nan)), float(r.config.get("lr", np.nan))): r for r in rows}
+    return [[at.get((float(d), float(lr))) for lr in lrs] for d in dropouts]
+
+
 def grid_matrix(rows: Sequence[TrialRow], dropouts: Sequence[float], lrs: Sequence[float]) -> np.ndarray:
-    m = np.full((len(dropouts), len(lrs)), np.nan)
-    for r in rows:
-        d, lr = r.config.get("dropout"), r.config.get("lr")
-        if d in dropouts and lr in lrs:
-            m[list(dropouts).index(d), list(lrs).index(lr)] = r.val_acc
-    return m
+    """Each cell's last-epoch validation accuracy (NaN: no trial), as `grid_cells` lays them out."""
+    return np.array([[np.nan if r is None else r.val_acc for r in line] for line in grid_cells(rows, dropouts, lrs)],
+                    dtype=float).reshape(len(dropouts), len(lrs))
 
 
 def grid_text(rows: Sequence[TrialRow], dropouts: Sequence[float], lrs: Sequence[float], study: bool = True) -> str:
