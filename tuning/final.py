@@ -32,7 +32,8 @@ def command_options(args) -> options.CommonOptions:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     opts = command_options(args)
-    from tuning import pipeline  # here, not at the top: importing it takes 3.5 s (Ray, MLflow, torch); --help and a bad flag 0.14 s
+    # here, not at the top: importing it takes 3.5 s (Ray, MLflow, torch); --help and a bad flag 0.14 s
+    from tuning import pipeline
 
     pipeline.retrain(opts, args.run_id)
     return 0

@@ -16,6 +16,7 @@ from fer_model.cli import Parser, given, run_cli
 from fer_model.config import OPTIMIZERS
 from fer_model.errors import ConfigError
 from tuning import options
+from tuning.names import values_text
 from tuning.spaces import GRID_FIXED, STUDY_GRID
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ RESUME_KEYS = {
 def build_parser() -> Parser:
     p = Parser(prog="python -m tuning.grid", description="The study's grid (dropout x lr) on Ray Tune, tracked in MLflow, then a final retrain.")
     g = p.add_argument_group("grid")
-    dropouts, lrs = (",".join(f"{v:g}" for v in STUDY_GRID[k]) for k in ("dropout", "lr"))
+    dropouts, lrs = (values_text(STUDY_GRID[k]) for k in ("dropout", "lr"))
     g.add_argument("--dropouts", help=f"comma-separated dropout values (default {dropouts})")
     g.add_argument("--lrs", help=f"comma-separated learning rates (default {lrs})")
     g.add_argument("--batch-size", type=int, help=f"batch size (default {GRID_FIXED['batch_size']})")
@@ -94,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"{', '.join(chain)} only apply with --search-trials")
     if args.search_trials is not None:
         then = options.search_options(args, opts.tracking.uri, train_seed=fixed["seed"], in_grid=True)
-    from tuning import pipeline  # here, not at the top: importing it takes 3.5 s (Ray, MLflow, torch); --help and a bad flag 0.14 s
+    # here, not at the top: importing it takes 3.5 s (Ray, MLflow, torch); --help and a bad flag 0.14 s
+    from tuning import pipeline
 
     # Ctrl-C or a crash: the same command with --resume continues it (same values are accepted).
     argv = list(sys.argv[1:] if argv is None else argv)

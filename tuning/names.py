@@ -133,6 +133,11 @@ def value_text(key: str, value: Any) -> str:
     return f"{value:.2g}"
 
 
+def values_text(values: Sequence[float]) -> str:
+    """Numbers as a comma list flags take (``--lrs 0.001,0.01``): the grid's axes in params, plans and --help."""
+    return ",".join(f"{v:g}" for v in values)
+
+
 def config_name(config: Mapping[str, Any], keys: Sequence[str]) -> str:
     """A configuration named by `keys`, e.g. ``d0.3 lr1e-3`` (grid) or ``adamw b64 lr3.2e-4 d0.41`` (search)."""
     return " ".join(f"{_SHORT.get(k, k + '=')}{value_text(k, config.get(k))}" for k in keys)

@@ -25,22 +25,21 @@ from fer_model.errors import UserError, first_line, storage_error
 from fer_model.evaluate import describe_test
 from fer_model.presets import STUDY_TEST_ACC
 from tuning import names as N
-from tuning.reporting import describe, report
-from tuning.trials import phases
-from tuning.stages import resume
-from tuning.trials.callbacks import StoreUnavailable
-from tuning.trials.rows import TrialRow, ensemble_candidates, trial_rows
-from tuning.stages.resume import to_json
-from tuning.tracking.liveness import settle_orphans
 from tuning.options import ENSEMBLE_AUTO, LATEST_GRID, CommonOptions, FinalOptions, SearchOptions
-from tuning.stages.context import StageContext, StageResult
+from tuning.registry import promotion
+from tuning.reporting import describe, report
 from tuning.stages import final as final_stage
 from tuning.stages import grid as grid_stage
 from tuning.stages import register as register_step
+from tuning.stages import resume
 from tuning.stages import search as search_stage
+from tuning.stages.context import StageContext, StageResult
 from tuning.stages.final import FinalInputs, FinalResult
 from tuning.stages.grid import GridInputs
-from tuning.tracking.store import (bound_driver_retries,
+from tuning.stages.resume import to_json
+from tuning.tracking.liveness import settle_orphans
+from tuning.tracking.store import (
+    bound_driver_retries,
     client_for,
     create_run,
     ensure_experiment,
@@ -49,10 +48,13 @@ from tuning.tracking.store import (bound_driver_retries,
     read_best_config,
     set_tags,
     tracked_run,
-    unreachable)
+    unreachable,
+)
+from tuning.trials import phases
+from tuning.trials.callbacks import StoreUnavailable
 from tuning.trials.head_watch import watch_head
+from tuning.trials.rows import TrialRow, ensemble_candidates, trial_rows
 from tuning.trials.runner import cluster_params, cluster_resources, gcs_address, gpu_share, ray_session
-from tuning.registry import promotion
 
 
 @contextmanager
@@ -86,9 +88,9 @@ def session(opts: CommonOptions, with_ray: bool = True, experiment_id: str | Non
 
 def grid(ctx: StageContext, inputs: GridInputs, run_id: str, restore_path: str | None = None, then: str = "") -> StageResult:
     """The grid under its run `run_id` (see `new_grid_run`); given `restore_path`, its Tune state continued."""
-    n = len(inputs.dropouts) * len(inputs.lrs)
-    print(plan_line(ctx, f"grid {n} trials (dropout {','.join(f'{v:g}' for v in inputs.dropouts)} x lr "
-                         f"{','.join(f'{v:g}' for v in inputs.lrs)}) x {inputs.epochs} epochs", n, then))
+    dropouts, lrs = inputs.axes_text()
+    print(plan_line(ctx, f"grid {inputs.size} trials (dropout {dropouts} x lr {lrs}) x {inputs.epochs} epochs",
+                    inputs.size, then))
     set_tags(ctx.client, run_id, {N.TAG_TRACKING_URI: ctx.tracking.uri})  # what a --resume compares with
     with tracked_run(ctx.client, run_id):
         result = grid_stage.run(ctx, run_id, inputs, restore_path)
@@ -98,7 +100,7 @@ def grid(ctx: StageContext, inputs: GridInputs, run_id: str, restore_path: str |
 
 def new_grid_run(ctx: StageContext, inputs: GridInputs, chain: "Chain") -> str:
     """A grid run recording what a --resume needs: its inputs, its chain, where Tune keeps its state."""
-    run_id = create_run(ctx.client, ctx.experiment_id, N.stage_run_name(N.STAGE_GRID, len(inputs.dropouts) * len(inputs.lrs)),
+    run_id = create_run(ctx.client, ctx.experiment_id, N.stage_run_name(N.STAGE_GRID, inputs.size),
                         {N.TAG_STAGE: N.STAGE_GRID, N.TAG_STAGE_INPUTS: to_json(inputs.to_dict()), N.TAG_CHAIN: to_json(chain.to_dict())},
                         {**grid_stage.params(ctx, inputs), **cluster_params()})
     set_tags(ctx.client, run_id, {N.TAG_TUNE_PATH: grid_stage.tune_path(ctx, run_id)})

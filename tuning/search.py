@@ -31,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = options.common_options(args, trial_epochs=options.search_epochs(args))
     options.keep_local_ray_on_loopback(opts.cluster)  # before ray is imported
     search = options.search_options(args, opts.tracking.uri, train_seed=args.seed or 0)
-    from tuning import pipeline  # here, not at the top: importing it takes 3.5 s (Ray, MLflow, torch); --help and a bad flag 0.14 s
+    # here, not at the top: importing it takes 3.5 s (Ray, MLflow, torch); --help and a bad flag 0.14 s
+    from tuning import pipeline
 
     # Ctrl-C or a crash: the same command with --resume continues it (a resumed search keeps its start).
     argv = list(sys.argv[1:] if argv is None else argv)

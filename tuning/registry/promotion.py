@@ -27,8 +27,7 @@ from mlflow.tracking import MlflowClient
 from fer_model import metrics as M
 from fer_model.errors import UserError, first_line
 from tuning import names as N
-from tuning.tracking.store import sqlite_path
-from tuning.tracking.store import file_lock
+from tuning.tracking.store import file_lock, sqlite_path
 
 CHAMPION = "champion"
 NOT_PROMOTED = 3  # exit code: a decision, not an error

@@ -11,16 +11,15 @@ import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from fer_model import metrics as M
+from fer_model.config import ARCHITECTURES, CLASS_NAMES
 from fer_model.presets import STUDY_TEST_ACC
+from fer_model.training import FitStatus
 from tuning import names as N
 from tuning.names import FINAL_NAME_KEYS, config_name, value_text
+from tuning.registry.pyfunc import EMOTION, IMAGE_COLUMN, LABEL, PROB_COLUMNS
 from tuning.reporting import report
 from tuning.spaces import STUDY_GRID_TEST_ACC
 from tuning.trials.rows import TrialRow
-from fer_model.config import ARCHITECTURES
-from fer_model.training import FitStatus
-from fer_model.config import CLASS_NAMES
-from tuning.registry.pyfunc import EMOTION, IMAGE_COLUMN, LABEL, PROB_COLUMNS
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient

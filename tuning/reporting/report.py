@@ -13,6 +13,7 @@ from fer_model.evaluate import plot_learning_curves, pyplot
 from tuning.spaces import STUDY_GRID_TEST_ACC
 from tuning.trials.rows import TrialRow, ties_at_top
 
+
 def varying_keys(rows: Sequence[TrialRow]) -> list[str]:
     keys = sorted({k for r in rows for k in r.config})
     return [k for k in keys if len({repr(r.config.get(k)) for r in rows}) > 1]

@@ -22,11 +22,11 @@ from mlflow.tracking import MlflowClient
 from fer_model import metrics as M
 from fer_model.config import DataConfig
 from fer_model.data import FerData
-from tuning.reporting import describe
-from tuning.trials import phases
 from tuning.options import ClusterOptions, TrackingOptions
-from tuning.trials.rows import TrialRow, best_row
+from tuning.reporting import describe
 from tuning.tracking.store import log_files, log_metrics, record_best
+from tuning.trials import phases
+from tuning.trials.rows import TrialRow, best_row
 
 
 @dataclass(frozen=True)

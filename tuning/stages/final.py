@@ -24,19 +24,23 @@ from typing import Any, Sequence
 
 from fer_model import metrics as M
 from fer_model.config import TrainConfig, check_tta
-from fer_model.evaluate import (LEARNING_CURVES_PNG, Evaluation, evaluate_probabilities, plot_learning_curves,
-                                describe_test, save_evaluation)
+from fer_model.ensemble import accuracy, average, choose_size
+from fer_model.evaluate import (
+    LEARNING_CURVES_PNG,
+    Evaluation,
+    describe_test,
+    evaluate_probabilities,
+    plot_learning_curves,
+    save_evaluation,
+)
+from fer_model.inputs import predict_proba
 from fer_model.training import FitResult, FitStatus, fit
-from tuning.reporting import describe
 from tuning import names as N
 from tuning.options import ENSEMBLE_AUTO
-from tuning.trials.rows import TrialRow
+from tuning.reporting import describe
 from tuning.stages.context import StageContext
 from tuning.tracking.store import log_files, log_metrics, log_params, set_tags
-from fer_model.ensemble import choose_size
-from fer_model.ensemble import accuracy
-from fer_model.inputs import predict_proba
-from fer_model.ensemble import average
+from tuning.trials.rows import TrialRow
 
 EVALUATION_DIR = "evaluation"
 TTA_PARAM = "tta"  # the final run's param (and its version's tag): the test-time augmentation it used

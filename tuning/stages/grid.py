@@ -7,10 +7,10 @@ from typing import Any
 
 from fer_model.config import TrainConfig
 from tuning import names as N
-from tuning.reporting import report
 from tuning.options import SchedulerSettings
-from tuning.trials.runner import run_trials
+from tuning.reporting import report
 from tuning.stages.context import StageContext, StageResult, conclude, data_params
+from tuning.trials.runner import run_trials
 from tuning.trials.trainable import TrialSetup
 
 
@@ -32,6 +32,15 @@ class GridInputs:
     def epochs(self) -> int:
         return TrainConfig.from_dict(self.fixed).epochs
 
+    @property
+    def size(self) -> int:
+        """How many trials: every (dropout, lr) pair."""
+        return len(self.dropouts) * len(self.lrs)
+
+    def axes_text(self) -> tuple[str, str]:
+        """The axes as their flags take them: ``("0.3,0.5,0.7", "0.001,0.01,0.0001")``."""
+        return N.values_text(self.dropouts), N.values_text(self.lrs)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (tag `stage_inputs` of the grid run: what a --resume continues with)."""
         return {"fixed": dict(self.fixed), "dropouts": list(self.dropouts), "lrs": list(self.lrs),
@@ -44,8 +53,8 @@ class GridInputs:
 
 def params(ctx: StageContext, inputs: GridInputs) -> dict[str, Any]:
     """The grid run's params: the fixed values, the axes, the scheduler and the data."""
-    return {**inputs.fixed, "dropouts": ",".join(f"{v:g}" for v in inputs.dropouts),
-            "lrs": ",".join(f"{v:g}" for v in inputs.lrs), "scheduler": inputs.scheduler.kind, **data_params(ctx)}
+    dropouts, lrs = inputs.axes_text()
+    return {**inputs.fixed, "dropouts": dropouts, "lrs": lrs, "scheduler": inputs.scheduler.kind, **data_params(ctx)}
 
 
 def tune_name(parent_run_id: str) -> str:

@@ -17,12 +17,12 @@ from mlflow.entities.model_registry import ModelVersion
 
 from fer_model import metrics as M
 from fer_model.config import CLASS_NAMES
-from tuning.reporting import describe
+from fer_model.model import count_parameters
 from tuning import names as N
+from tuning.registry import pyfunc
+from tuning.reporting import describe
 from tuning.stages.context import StageContext
 from tuning.stages.final import TTA_PARAM, FinalResult
-from tuning.registry import pyfunc
-from fer_model.model import count_parameters
 
 log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"

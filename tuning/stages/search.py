@@ -16,17 +16,17 @@ import optuna
 from fer_model import metrics as M
 from fer_model.config import TrainConfig
 from fer_model.errors import UserError, first_line
+from fer_model.evaluate import pyplot
 from tuning import names as N
-from tuning.reporting import report
+from tuning.names import UNFINISHED
 from tuning.options import STUDY_PREFIX, SearchOptions
-from tuning.trials.runner import OptunaStudy, run_trials
+from tuning.reporting import report
 from tuning.spaces import SEARCH_FIXED
 from tuning.stages.context import StageContext, StageResult, conclude, data_params
-from tuning.names import UNFINISHED
 from tuning.stages.resume import check_can_continue, check_unchanged
 from tuning.tracking.store import latest_stage_run
+from tuning.trials.runner import OptunaStudy, run_trials
 from tuning.trials.trainable import TrialSetup
-from fer_model.evaluate import pyplot
 
 log = logging.getLogger(__name__)
 SEARCH_NAME_KEYS = ("arch", "optimizer", "batch_size", "lr", "dropout")

@@ -21,9 +21,9 @@ from mlflow.tracking import MlflowClient
 from fer_model.cli import on_stop
 from fer_model.errors import UserError, first_line
 from tuning import names as N
+from tuning.names import EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_TRAINING
 from tuning.tracking.liveness import HEARTBEAT_SECONDS, Heartbeat, driver_tags
 from tuning.tracking.uri import TrackingError, sqlite_path
-from tuning.names import EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_TRAINING
 
 log = logging.getLogger(__name__)
 _BATCH = 900  # log_batch accepts at most 1,000 metrics per call

@@ -26,8 +26,8 @@ from fer_model import metrics as M
 from fer_model.cli import STOPPING
 from fer_model.errors import UserError, first_line
 from tuning import names as N
-from tuning.tracking.store import client_for, find_trial_run, log_metrics, set_tags, trial_runs
 from tuning.names import DIVERGED, EPOCH, RUN_ID, TAG_NODE_ID, TAG_NODE_IP
+from tuning.tracking.store import client_for, find_trial_run, log_metrics, set_tags, trial_runs
 from tuning.trials.rows import TrialRow
 from tuning.trials.trainable import TrialSetup, run_name
 

@@ -146,7 +146,10 @@ def reap_dead_drivers_ray(folder: Path | None = None, timeout: float = 5.0) -> l
     """
     import psutil
 
-    from cluster.local import process_running, stop_and_wait  # psutil's wait for a set of processes, shared with `cluster.local down`
+    from cluster.local import (  # psutil's wait for a set of processes, shared with `cluster.local down`
+        process_running,
+        stop_and_wait,
+    )
 
     folder = folder or ray_records_dir()
     stopped: list[int] = []
