@@ -131,3 +131,7 @@ def test_fit_trains_with_the_new_augmentations():
                                  "rotate": 10, "scale": 0.1, "erase": 0.5, "bf16": False})
     a, b = fit(cfg, data, device="cpu").history, fit(cfg, data, device="cpu").history
     assert a[0]["train_loss"] == b[0]["train_loss"]  # the augmentation generator is seeded
+    # ... and the augmentations are applied: the same run with their strengths at 0 trains on other pixels.
+    plain = fit(cfg.replace(rotate=0.0, scale=0.0, erase=0.0), data, device="cpu").history
+    assert plain[0]["train_loss"] != a[0]["train_loss"]
+    assert plain[0]["val_loss"] != a[0]["val_loss"]  # so the weights after the epoch differ too

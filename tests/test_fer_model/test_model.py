@@ -13,6 +13,11 @@ def build_model(arch: str = "cnn", **options):
 
 
 def test_default_has_the_studys_parameter_count():
+    # The notebook study's count, layer by layer: three 3x3 convolutions (32, 64, 128 channels), a
+    # 128-unit layer on the 128 x 12 x 12 map, 7 outputs; weights plus biases.
+    conv1, conv2, conv3 = 9 * 1 * 32 + 32, 9 * 32 * 64 + 64, 9 * 64 * 128 + 128
+    fc, out = 128 * 12 * 12 * 128 + 128, 128 * 7 + 7
+    assert conv1 + conv2 + conv3 + fc + out == 320 + 18_496 + 73_856 + 2_359_424 + 903 == 2_452_999
     assert count_parameters(build_model("cnn")) == 2_452_999
     assert count_parameters(build_model("cnn-softmax")) == 2_452_999
 
@@ -20,6 +25,21 @@ def test_default_has_the_studys_parameter_count():
 def test_narrow_variants():
     # conv3 64, hidden 64: 320 + 18,496 + 36,928 + 9216*64+64 + 64*7+7
     assert count_parameters(build_model("cnn", conv3_channels=64, hidden=64)) == 320 + 18496 + 36928 + 589888 + 455
+
+
+def test_count_parameters_of_small_layers_counted_by_hand():
+    assert count_parameters(torch.nn.Linear(3, 4)) == 3 * 4 + 4 == 16
+    assert count_parameters(torch.nn.Linear(3, 4, bias=False)) == 12
+    assert count_parameters(torch.nn.Conv2d(2, 5, 3)) == 3 * 3 * 2 * 5 + 5 == 95
+    assert count_parameters(torch.nn.Conv2d(2, 5, (1, 3), bias=False)) == 1 * 3 * 2 * 5 == 30
+    # BatchNorm: its weight and bias only (its running statistics are buffers, not parameters).
+    assert count_parameters(torch.nn.BatchNorm2d(5)) == 10
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 5, 3), torch.nn.BatchNorm2d(5), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(5 * 4 * 4, 3))
+    assert count_parameters(net) == 95 + 10 + 0 + 0 + (80 * 3 + 3) == 348
+    shared = torch.nn.Linear(4, 4)  # one layer used twice holds its 20 parameters once
+    assert count_parameters(torch.nn.Sequential(shared, torch.nn.Tanh(), shared)) == 20
+    assert count_parameters(torch.nn.ReLU()) == 0
 
 
 def test_model1_outputs_sum_to_one_and_model2_gives_logits():
@@ -96,7 +116,7 @@ def test_every_declared_architecture_is_tested():
 def test_parameter_count_and_output_shape(arch):
     torch.manual_seed(0)
     model = build_model(arch)
-    assert count_parameters(model) == sum(p.numel() for p in model.parameters()) == _expected_parameters(arch)
+    assert count_parameters(model) == _expected_parameters(arch)  # written out by hand above
     assert forward_flops(model) > 0
     out = model.eval()(torch.rand(2, 1, 48, 48))
     assert out.shape == (2, 7) and torch.isfinite(out).all()
