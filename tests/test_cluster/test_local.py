@@ -48,6 +48,7 @@ def cluster(tmp_path_factory):
     assert run_cli(local.main, ["down", "--dir", str(folder)]) == 0
 
 
+@pytest.mark.e2e
 @pytest.mark.slow  # a multi-node cluster: ~2 min with its fixture; cluster.local's CLI errors stay in the default run
 def test_a_grid_spreads_over_the_workers(cluster, tmp_path, tiny_folder, capsys):
     folder, state = cluster
@@ -112,6 +113,7 @@ def _raylet_node_ids(state) -> dict[str, int]:
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.slow  # a lost node: a trial restored from its checkpoint is also tested by test_faults.py's worker SIGKILL
 def test_a_lost_worker_node_costs_its_trials_no_epochs(cluster, tmp_path, tiny_folder):
     """SIGKILL the raylet of a node running a trial: the trial continues from its checkpoint on the
@@ -223,6 +225,7 @@ def test_down_returns_once_every_process_of_its_groups_is_gone(tmp_path, monkeyp
         leader.wait()
 
 
+@pytest.mark.e2e
 def test_status_answers_in_seconds_against_a_hung_head_and_server(tmp_path, capsys):
     """A head and a server that accept connections and never answer (a stopped process's socket
     does that), and a dead member: every probe has its timeout."""
@@ -262,6 +265,7 @@ def _health(uri: str) -> int:
         return r.status
 
 
+@pytest.mark.e2e
 @pytest.mark.slow  # three cluster starts, a restart and three stops (~100 s); the fast tests above cover down, status and ports without Ray
 def test_dead_members_are_restarted_and_the_ports_survive_down_and_up(tmp_path, capsys):
     folder = tmp_path / "c"

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tuning.reporting import report
 from tuning.trials.rows import TrialRow, best_row, ties_at_top
 
@@ -41,6 +43,7 @@ def test_tunes_tables_only_when_verbose(monkeypatch):
     assert TablesWhenVerbose().should_report([], done=True)
 
 
+@pytest.mark.e2e
 def test_the_token_notice_is_dropped_and_the_disabled_warning_kept(ray_session):
     from ray._private.authentication import authentication_token_setup as auth
 
@@ -61,6 +64,7 @@ def test_the_token_notice_is_dropped_and_the_disabled_warning_kept(ray_session):
     assert len(seen) == 1 and seen[0].startswith("Token authentication is disabled")
 
 
+@pytest.mark.e2e
 def test_a_grid_prints_a_line_per_trial_and_no_library_chatter(ray_session, workdir, tiny_folder):
     argv = ["--data", tiny_folder, "--max-samples", 200, "--dropouts", "0.3,0.5", "--lrs", "1e-3", "--epochs", 2,
             "--final-epochs", 1, "--address", ray_session]

@@ -31,6 +31,8 @@ from tuning import grid
 from tuning import names as N
 from tuning.names import TAG_RESUMED_FROM
 
+pytestmark = pytest.mark.e2e  # every test here starts Ray (see pyproject's markers)
+
 SAMPLES = 70  # of tiny_folder's 280 Training images: about a second an epoch on a busy 2-core machine
 TRIAL_ACTOR = "ImplicitFunc"  # a function trainable's Ray actor: its process title is ray::ImplicitFunc.train
 EPOCH_TRACKED = (*M.EPOCH_METRICS, M.BEST_VAL_ACC)

@@ -124,6 +124,7 @@ np.save(sys.argv[3], out[[c for c in out.columns if c.startswith("p_")]].to_nump
 """
 
 
+@pytest.mark.e2e
 def test_tuning_final_registers_an_ensemble_that_loads_in_a_fresh_process(workdir, tiny_folder, capsys, precision):
     from fer_model.ensemble import average
 

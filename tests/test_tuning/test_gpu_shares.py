@@ -94,6 +94,7 @@ def test_a_share_outside_0_to_1_is_one_line_and_exit_2(workdir, capsys, value):
     assert line == f"error: --gpus-per-trial must be within 0..1 (a share of one GPU; 0: no GPU), got {float(value):g}"
 
 
+@pytest.mark.e2e
 def test_a_share_on_a_cluster_without_gpus_is_one_line_and_exit_2(ray_session, workdir, tiny_folder, capsys):
     argv = ["--data", tiny_folder, "--gpus-per-trial", "0.5", "--no-final", "--address", ray_session]
     assert run_main(grid.main, argv) == 2
@@ -184,6 +185,7 @@ def trial_intervals(client: MlflowClient, trials: list) -> list[tuple[float, flo
 # Epochs for each trial to train ~15-25 s on a loaded 2-core machine: the trials of a wave start up to
 # ~7 s apart (their workers' imports) and must still all overlap. Measured there: 4 trials at once took
 # 0.55-1.2 s an epoch, and the 4th started 3-7 s after the 1st; 2 trials 0.3-0.45 s.
+@pytest.mark.e2e
 @pytest.mark.parametrize("share, trials, at_once, epochs", [(0.25, 5, 4, 30), (0.5, 3, 2, 35)])
 def test_trials_pack_by_their_gpu_share(gpu_ray, workdir, tiny_folder, share, trials, at_once, epochs):
     """With the test-only switch, GPU-share trials train on the CPU: Tune runs 1/share of them at
@@ -208,6 +210,7 @@ def test_trials_pack_by_their_gpu_share(gpu_ray, workdir, tiny_folder, share, tr
 cpu_only = pytest.mark.skipif(bool(shutil.which("nvidia-smi")), reason="a real GPU is here: its trials would train on it")
 
 
+@pytest.mark.e2e
 @cpu_only
 def test_a_gpu_share_without_a_visible_gpu_fails_at_once(gpu_ray, workdir, tiny_folder):
     """Without the switch a trial given a share of a GPU its process cannot see fails before training,
@@ -230,6 +233,7 @@ def test_a_gpu_share_without_a_visible_gpu_fails_at_once(gpu_ray, workdir, tiny_
     assert time.time() - t0 < 300  # no epochs: the command's start, two trials and a retry each
 
 
+@pytest.mark.e2e
 @cpu_only
 def test_without_the_flag_a_gpu_cluster_gets_the_default_share(gpu_ray, workdir, tiny_folder):
     """The GPU's memory is asked on the GPU node (nvidia-smi, which a CPU-only node lacks): unknown,

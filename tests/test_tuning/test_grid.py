@@ -66,6 +66,7 @@ def check_pipeline(client: MlflowClient, expected_trials: set[tuple[float, float
     return {"parent": parent, "final": fin, "version": v}
 
 
+@pytest.mark.e2e
 def test_grid_end_to_end_on_sqlite(ray_session, workdir, tiny_folder, capsys):
     assert run_main(grid.main, ["--data", tiny_folder, *FAST, "--promote"]) == 0
     out = capsys.readouterr().out
@@ -124,6 +125,7 @@ def test_grid_end_to_end_on_sqlite(ray_session, workdir, tiny_folder, capsys):
     assert "ensemble of 2: test accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 @pytest.mark.slow  # grids against a real server also run in test_ui.py and test_faults.py
 def test_grid_against_a_real_mlflow_server(ray_session, workdir, tiny_folder, mlflow_server):
     argv = ["--data", tiny_folder, "--dropouts", "0.3,0.5", "--lrs", "1e-3", *FAST, "--tracking-uri", mlflow_server]

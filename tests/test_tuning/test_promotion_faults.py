@@ -63,6 +63,7 @@ def decision_tags(client: MlflowClient, versions: list[str]) -> dict[str, dict[s
     return {v: client.get_model_version(NAME, v).tags for v in versions}
 
 
+@pytest.mark.e2e
 def test_two_promotions_at_once_leave_records_that_agree(tmp_path):
     """Both promotions of two racing commands used to exit 0, both versions were tagged "the first
     champion", `previous` stayed unset and --rollback refused (2 of 3 rounds). Now the second waits

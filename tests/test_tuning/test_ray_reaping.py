@@ -45,6 +45,7 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.e2e
 def test_the_next_driver_stops_what_a_sigkilled_drivers_ray_left(tmp_path):
     driver = _driver(tmp_path, "wait")
     try:

@@ -63,6 +63,7 @@ def _wait(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
     pytest.fail(f"never ready (exit {proc.returncode}): {out[-2000:]} {err[-2000:]}")
 
 
+@pytest.mark.e2e
 def test_a_refused_outcome_write_is_one_line_and_resume_settles_it(ray_session, workdir, tiny_folder, capsys):
     """The driver's own writes to the store fail (its file-size limit cut below the store's write offsets:
     the kernel refuses them with EFBIG, as a full disk refuses with ENOSPC) from its trial's first epoch
@@ -97,6 +98,7 @@ def test_a_refused_outcome_write_is_one_line_and_resume_settles_it(ray_session, 
     assert stage.info.status == "FINISHED" and not _runs(client, "attributes.status = 'RUNNING'")
 
 
+@pytest.mark.e2e
 def test_a_trial_that_fails_twice_is_failed_and_the_stage_goes_on(ray_session, workdir, tiny_folder, capsys, caplog):
     """A truncated Tune checkpoint: the resumed trial fails on it, and again on its retry. Before: Ray 2.60's
     Trial has no error_msg, so the driver crashed (AttributeError, exit 1) and cut the healthy trial too."""
@@ -126,6 +128,7 @@ def test_a_trial_that_fails_twice_is_failed_and_the_stage_goes_on(ray_session, w
     assert stage.info.status == "FINISHED" and not _runs(client, "attributes.status = 'RUNNING'")
 
 
+@pytest.mark.e2e
 def test_a_resume_through_another_tracking_server_writes_there(ray_session, workdir, tiny_folder, mlflow_server_process, capsys):
     """`cluster.local down`, `up` gives the same store a new server port. Before: Tune restored its pickled
     callbacks with the first server's URI, so every outcome went to a dead port (minutes of retries each),
@@ -223,6 +226,7 @@ def _tmpfs(path: Path, size: str = "2m"):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@pytest.mark.e2e
 def test_a_full_storage_disk_is_one_line_and_exit_2(ray_session, workdir, tiny_folder, full_disk, capsys):
     """`--storage` on a full disk: each checkpoint write fails (ENOSPC), so the trial fails twice. Before:
     the driver crashed on Trial.error_msg (exit 1, hundreds of traceback lines). Now the stage ends, and
@@ -239,6 +243,7 @@ def test_a_full_storage_disk_is_one_line_and_exit_2(ray_session, workdir, tiny_f
     assert not _runs(client, "attributes.status = 'RUNNING'")
 
 
+@pytest.mark.e2e
 def test_a_full_artifact_store_at_registration_is_one_line_and_resume_registers_once(
         ray_session, workdir, tiny_folder, full_artifacts, capsys):
     """Before: a traceback (exit 1) and a FAILED final run tagged completed, its partial model/ folder kept.
@@ -276,6 +281,7 @@ def _kill_the_server_in_the_final_stage(workdir: Path, data: Path, address: str,
     return proc
 
 
+@pytest.mark.e2e
 def test_sigterm_while_the_server_is_dead_in_the_final_stage_ends_in_seconds(ray_session, workdir, tiny_folder,
                                                                               mlflow_server_process):
     """The cluster's server killed during the final stage. Before: the driver retried each write for minutes,
@@ -296,6 +302,7 @@ def test_sigterm_while_the_server_is_dead_in_the_final_stage_ends_in_seconds(ray
     assert "Stop signal received" not in out + err and "Traceback" not in err, err[-3000:]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow  # 60-130 s: it waits out the driver's ~30 s of retries; the SIGTERM test above meets the same fault in seconds
 def test_the_server_dead_in_the_final_stage_is_one_line_and_exit_2(ray_session, workdir, tiny_folder,
                                                                    mlflow_server_process):
@@ -322,6 +329,7 @@ def _cluster_env(folder: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.e2e
 @pytest.mark.slow  # a local cluster started twice and taken down once (~2 min); defect 2's test covers the new-URI part
 def test_a_cluster_taken_down_mid_stage_is_one_line_and_resumes_after_up(tmp_path, tiny_folder):
     """`cluster.local down` while a grid trains on it. Before: 60 s later Ray's C++ core ended the driver

@@ -130,6 +130,7 @@ def test_pyfunc_takes_images_as_users_hold_them(tmp_path, arch, precision):
         model.predict(pd.DataFrame({pyfunc.IMAGE_COLUMN: [inputs["png"][0], b"not an image"]}))
 
 
+@pytest.mark.e2e
 def test_predict_and_serve_the_champion(store, workdir, tiny_folder, capsys, caplog):
     """Register a real pyfunc, promote it, predict files with tuning.predict, and serve it over REST."""
     client, _ = store

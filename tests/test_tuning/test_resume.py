@@ -12,12 +12,15 @@ import subprocess
 import sys
 import time
 
+import pytest
 from helpers import artifact_names, run_main
 from mlflow.tracking import MlflowClient
 
 from fer_model import metrics as M
 from tuning import grid
 from tuning import names as N
+
+pytestmark = pytest.mark.e2e  # every test here starts Ray (see pyproject's markers)
 
 
 def _runs(client, query: str = ""):

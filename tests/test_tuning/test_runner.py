@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # its one test starts a local Ray (see pyproject's markers)
+
 SCRIPT = """
 import json, os, psutil
 from tuning.options import ClusterOptions, keep_local_ray_on_loopback

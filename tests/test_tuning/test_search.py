@@ -32,6 +32,7 @@ def _search_run(client):
     return run
 
 
+@pytest.mark.e2e
 def test_search_seeded_by_the_grid_with_asha(ray_session, workdir, tiny_folder):
     # A finished grid in the same experiment: its best configuration is the search's first trial.
     assert run_main(grid.main, ["--data", tiny_folder, "--dropouts", "0.5", "--lrs", "2e-3", "--epochs", 1,
@@ -68,6 +69,7 @@ def test_search_seeded_by_the_grid_with_asha(ray_session, workdir, tiny_folder):
     assert len(finals) == 1 and len(client.search_model_versions(f"name = '{N.DEFAULT_MODEL_NAME}'")) == 1
 
 
+@pytest.mark.e2e
 @pytest.mark.slow  # the resume path also runs in test_resume.py's chain test; Ctrl-C in test_sigterm_...
 def test_interrupted_search_resumes_without_repeating_trials(ray_session, workdir, tiny_folder, capsys):
     storage = f"sqlite:///{workdir / 'optuna.db'}"
@@ -145,6 +147,7 @@ def test_space_file_yaml_and_json_give_the_same_space(workdir):
         "lr": {"loguniform": [1e-4, 1e-2]}, "batch_size": {"choice": [32, 64]}, "optimizer": "sgd"}
 
 
+@pytest.mark.e2e
 def test_time_budget_ends_the_search_as_finished_not_interrupted(ray_session, workdir, tiny_folder):
     argv = ["--data", tiny_folder, "--trials", 6, "--epochs", 40, "--scheduler", "none", "--max-concurrent", 1,
             "--time-budget", 30, "--study-name", "tb", "--no-final"]
@@ -181,6 +184,7 @@ def test_strong_space_brings_its_epochs_and_grace_period_and_flags_override(work
     assert flags.common_options(args, trial_epochs=flags.search_epochs(args)).final.epochs == 45
 
 
+@pytest.mark.e2e
 @pytest.mark.slow  # ~60 s (a vgg of 40M parameters among them); the space itself is checked in CI above
 def test_strong_space_trials_train_every_sampled_architecture(ray_session, workdir, tiny_folder):
     argv = ["--data", tiny_folder, "--space", "strong", "--trials", 3, "--epochs", 2, "--study-name", "strong",

@@ -82,6 +82,7 @@ def title(dom: str) -> str:
     return html.unescape(found.group(1)) if found else ""
 
 
+@pytest.mark.e2e
 @needs_chromium
 def test_mlflow_ui_shows_training_runs_descriptions_and_the_model(ray_session, workdir, tiny_folder, mlflow_server, tmp_path):
     argv = ["--data", tiny_folder, "--dropouts", "0.3,0.5", "--lrs", "1e-3", "--epochs", 1, "--final-epochs", 1,
