@@ -72,9 +72,10 @@ def check_size(width: int, height: int) -> None:
         raise _too_large(f"image of {width} x {height} = {width * height / 1e6:.1f} Mpx")
 
 
-def open_image(data: bytes):
+def open_image(data: bytes, draft_size: int = DRAFT_SIZE):
     """Decode image bytes with PIL (fully loaded), or raise ImageError (ImageTooLarge beyond `MAX_PIXELS`,
-    known from the header before any pixel is decoded)."""
+    known from the header before any pixel is decoded). A JPEG is decoded at the least DCT scale that keeps
+    both sides >= `draft_size` (48x48 crops need `DRAFT_SIZE`; face detection more)."""
     from PIL import Image, UnidentifiedImageError
 
     from PIL import ImageOps
@@ -87,7 +88,7 @@ def open_image(data: bytes):
         image = Image.open(io.BytesIO(data))  # reads the header only
         check_size(*image.size)
         if image.format in ("JPEG", "MPO"):  # MPO: the JPEGs many phones write
-            image.draft(None, (DRAFT_SIZE, DRAFT_SIZE))
+            image.draft(None, (draft_size, draft_size))
         image.load()
         # A phone photo is stored sideways with an EXIF orientation: upright, as a person sees it.
         return ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
@@ -131,16 +132,23 @@ def to_gray48(image) -> np.ndarray:
 
     The data layer converts odd training images with this too, so a served model sees what training saw.
     """
-    from PIL import Image
-
     if is_gray48(image):
         return np.asarray(image, dtype=np.uint8)
-    size, bilinear = (IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR
+    return to_gray(image, (IMAGE_SIZE, IMAGE_SIZE))
+
+
+def to_gray(image, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A PIL image of any mode as uint8 grayscale (each mode as the module docstring says), at its own
+    size or bilinearly resized to `size` (width, height). A mode with no grey reading is an ImageError."""
+    from PIL import Image
+
+    bilinear = Image.Resampling.BILINEAR
+    resize = (lambda im: im.resize(size, bilinear)) if size else (lambda im: im)
     try:
         if image.mode.startswith("I") or image.mode == "F":
             # Resized as floats, then scaled: the 8-bit conversion would clip everything above 255 to white.
             white = 255.0 if image.mode == "F" else float(_int_max(image))
-            values = np.asarray(image.convert("F").resize(size, bilinear), dtype=np.float64)
+            values = np.asarray(resize(image.convert("F")), dtype=np.float64)
             values = np.nan_to_num(values, nan=0.0, posinf=white, neginf=0.0)
             return np.round(np.clip(values * (255.0 / white), 0, 255)).astype(np.uint8)
         if image.mode in _ALPHA_MODES or "transparency" in image.info:
@@ -150,9 +158,25 @@ def to_gray48(image) -> np.ndarray:
                 la = image if image.mode == "LA" else image.convert("RGBA").convert("LA")
                 image = la.convert("La")
             image = image.getchannel(0)
-        return np.asarray(image.convert("L").resize(size, bilinear), dtype=np.uint8)
+        return np.asarray(resize(image.convert("L")), dtype=np.uint8)
     except (ValueError, OSError) as exc:  # LAB: "conversion from LAB to RGB not supported"
         raise ImageError(f"cannot read a {image.mode} image as grayscale ({first_line(exc)})") from None
+
+
+def _grey_array(value: Any) -> np.ndarray:
+    """An array value checked: 2-D (or H x W x C) grey levels within 0..255, of at most `MAX_PIXELS`;
+    H x W x 1 becomes 2-D."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):
+        raise ImageError(f"expected image bytes or an array of grey levels, got {type(value).__name__}") from None
+    if array.dtype == object or array.dtype.kind not in "uif" or array.ndim not in (2, 3):
+        raise ImageError(f"expected image bytes or a 2-D (or H x W x C) array of grey levels, "
+                         f"got {type(value).__name__} of shape {array.shape}")
+    check_size(array.shape[1], array.shape[0])  # before the value checks, which pass over every pixel
+    if array.size == 0 or not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
+        raise ImageError("array values must be grey levels within 0..255")
+    return array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array
 
 
 def image_array(value: Any) -> np.ndarray:
@@ -169,24 +193,37 @@ def image_array(value: Any) -> np.ndarray:
             if len(data) == IMAGE_SIZE * IMAGE_SIZE:  # raw grey levels: a 48x48 uint8 array's tobytes()
                 return np.frombuffer(data, dtype=np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE).copy()
             raise
-    try:
-        array = np.asarray(value)
-    except (TypeError, ValueError):
-        raise ImageError(f"expected image bytes or an array of grey levels, got {type(value).__name__}") from None
-    if array.dtype == object or array.dtype.kind not in "uif" or array.ndim not in (2, 3):
-        raise ImageError(f"expected image bytes or a 2-D (or H x W x C) array of grey levels, "
-                         f"got {type(value).__name__} of shape {array.shape}")
-    check_size(array.shape[1], array.shape[0])  # before the value checks, which pass over every pixel
-    if array.size == 0 or not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
-        raise ImageError("array values must be grey levels within 0..255")
+    array = _grey_array(value)
     from PIL import Image
 
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
     if array.ndim == 2 and array.shape == (IMAGE_SIZE, IMAGE_SIZE):
         return array.astype(np.uint8)
     try:
         return to_gray48(Image.fromarray(array.astype(np.uint8)))
+    except (TypeError, ValueError) as exc:
+        raise ImageError(f"cannot read an array of shape {array.shape} as an image ({exc})") from None
+
+
+def image_gray(value: Any, draft_size: int = DRAFT_SIZE) -> np.ndarray:
+    """One image as users hold it (as `image_array` takes it) as uint8 grayscale at its own size: what a
+    face detector looks at. The 2,304 raw bytes of a 48x48 array stay 48x48."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        try:
+            return to_gray(open_image(data, draft_size))
+        except ImageTooLarge:
+            raise
+        except ImageError:
+            if len(data) == IMAGE_SIZE * IMAGE_SIZE:
+                return np.frombuffer(data, dtype=np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE).copy()
+            raise
+    array = _grey_array(value)
+    if array.ndim == 2:
+        return array.astype(np.uint8)
+    from PIL import Image
+
+    try:
+        return to_gray(Image.fromarray(array.astype(np.uint8)))
     except (TypeError, ValueError) as exc:
         raise ImageError(f"cannot read an array of shape {array.shape} as an image ({exc})") from None
 

@@ -14,6 +14,7 @@ requests of at most `tuning.pyfunc.MAX_IMAGES` images.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -43,6 +44,11 @@ def build_parser() -> Parser:
     p.add_argument("--top-k", type=int, default=1, help="emotions per image, most likely first (default 1)")
     p.add_argument("--out", help="write the predictions here instead of standard output")
     p.add_argument("--cache-dir", help="decoded-data cache for a FER2013 source (default $FER2013_CACHE or ~/.cache/fer2013)")
+    p.add_argument("--annotate", metavar="DIR",
+                   help="also write each input image to DIR with its faces' boxes and emotions drawn on it")
+    p.add_argument("--whole-image", action="store_true",
+                   help="take each image whole as one face (resized to 48x48) instead of looking for faces; "
+                        "a 48x48 image always is, and labelled test data (a FER2013 source, a test/<class>/ folder) too")
     options.add_tracking_flags(p, model_name=False, experiment=False)
     return p
 
@@ -99,18 +105,20 @@ def image_files(paths: Sequence[Path]) -> list[Path]:
 
 
 def read_images(files: Sequence[Path]) -> tuple[list[str], list[bytes]]:
-    """The readable files, decoded once, as the model's raw 48x48 input bytes; the others skipped
-    with one warning that names a few."""
-    from fer_model.inputs import ImageError, image_array
+    """The readable files' bytes, as the model takes them (it finds the faces); a file that is not an image,
+    or is over the pixel limit, is skipped, with one warning that names a few."""
+    from fer_model.inputs import ImageError, image_gray
 
     names, blobs, bad = [], [], []
     for f in files:
         try:
-            blobs.append(image_array(f.read_bytes()).tobytes())
+            data = f.read_bytes()
+            image_gray(data)  # refused here as the model would refuse it, so the others still get predicted
         except (OSError, ImageError) as exc:
             bad.append(f"{f} ({first_line(exc)})")
             continue
         names.append(str(f))
+        blobs.append(data)
     if bad:
         log.warning("skipped %d unreadable file(s): %s%s", len(bad), "; ".join(bad[:3]), " ..." if len(bad) > 3 else "")
     return names, blobs
@@ -132,14 +140,15 @@ def load_model(uri: str, tracking_uri: str):
 
 
 def render(rows: list[dict], fmt: str, top_k: int) -> str:
+    """A row per face (``face``: its box x,y,w,h; None where the input had no face) as a table, CSV or JSON."""
     if fmt == "json":
         return json.dumps(rows, indent=1)
-    head = ["input", "emotion", "probability"] + ([f"top{k}" for k in range(2, top_k + 1)])
+    head = ["input", "face", "emotion", "probability"] + ([f"top{k}" for k in range(2, top_k + 1)])
     lines = []
     for r in rows:
-        top = r["top"]
-        cells = [r["input"], top[0][0], f"{top[0][1]:.4f}", *[f"{e} {p:.4f}" for e, p in top[1:]]]
-        lines.append(cells)
+        top, box = r["top"], ",".join(map(str, r["face"])) if r["face"] else "-"
+        first = [top[0][0], f"{top[0][1]:.4f}"] if top else [r["emotion"], ""]
+        lines.append([r["input"], box, *first, *[f"{e} {p:.4f}" for e, p in top[1:]]])
     if fmt == "csv":
         import csv
         import io
@@ -151,9 +160,45 @@ def render(rows: list[dict], fmt: str, top_k: int) -> str:
             w.writerow(cells + ([r["label"]] if "label" in r else []))
         return buf.getvalue().rstrip("\n")
     width = max([len(c[0]) for c in lines] + [5])
-    out = [f"{'input':<{width}}  {'emotion':<9} {'p':>6}" + ("  next" if top_k > 1 else "")]
-    out += [f"{c[0]:<{width}}  {c[1]:<9} {c[2]:>6}" + ("  " + ", ".join(c[3:]) if c[3:] else "") for c in lines]
+    boxes = max([len(c[1]) for c in lines] + [4])
+    out = [f"{'input':<{width}}  {'face':<{boxes}}  {'emotion':<9} {'p':>6}" + ("  next" if top_k > 1 else "")]
+    out += [f"{c[0]:<{width}}  {c[1]:<{boxes}}  {c[2]:<9} {c[3]:>6}" + ("  " + ", ".join(c[4:]) if c[4:] else "")
+            for c in lines]
     return "\n".join(out)
+
+
+def annotate(folder: Path, names: list[str], blobs: list[bytes], frame) -> list[Path]:
+    """Each input image as a PNG in `folder` with its faces' boxes and emotions drawn (red: no face found)."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    from tuning.registry.pyfunc import BOX_COLUMNS, EMOTION, FACE_FOUND, PROB_COLUMNS, ROW
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, (name, blob) in enumerate(zip(names, blobs)):
+        faces = frame[frame[ROW] == i]
+        try:
+            image = ImageOps.exif_transpose(Image.open(io.BytesIO(blob))).convert("RGB")
+        except Exception:  # noqa: BLE001 - raw 48x48 grey levels (a FER2013 source's rows)
+            image = Image.frombytes("L", (48, 48), blob).convert("RGB")
+        scale = max(1, 384 // max(image.size))  # a 48x48 crop drawn large enough to read
+        if scale > 1:
+            image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+        draw, line = ImageDraw.Draw(image), max(2, max(image.size) // 200)
+        for _, f in faces.iterrows():
+            if not f[FACE_FOUND]:
+                draw.text((4, 4), "no face found", fill=(255, 40, 40))
+                continue
+            x, y, w, h = (int(f[k]) * scale for k in BOX_COLUMNS)
+            if (w, h) == (48 * scale, 48 * scale) and image.size != (w, h):  # a whole-image row: the image's own box
+                x, y, w, h = 0, 0, image.width, image.height
+            draw.rectangle([x, y, x + w - 1, y + h - 1], outline=(40, 220, 40), width=line)
+            p = max(float(f[c]) for c in PROB_COLUMNS)
+            draw.text((x + line, max(0, y - 12)), f"{f[EMOTION]} {p:.2f}", fill=(40, 220, 40))
+        out = folder / f"{i:04d}-{Path(name).stem[:60]}.png"
+        image.save(out)
+        written.append(out)
+    return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numpy as np
     import pandas as pd
 
-    from tuning.registry.pyfunc import EMOTION, IMAGE_COLUMN, MAX_IMAGES, PROB_COLUMNS
+    from tuning.registry.pyfunc import BOX_COLUMNS, EMOTION, FACE_FOUND, IMAGE_COLUMN, MAX_IMAGES, PROB_COLUMNS, ROW
 
     labels = usage = None
     if sources and is_test_folder(sources[0]):
@@ -192,23 +237,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         names, blobs = read_images(image_files(paths))
     if not blobs:
         raise UserError("no readable images to predict")
+    if args.annotate and Path(args.annotate).exists() and not Path(args.annotate).is_dir():
+        raise UserError(f"--annotate {args.annotate}: not a folder")
     model = load_model(args.model, tracking_uri)
+    # Labelled test data is FER2013's crops: each image is its face (one row per input, in order).
+    params = {"whole_image": True} if labels is not None or args.whole_image else None
     try:
         # The model refuses requests of more than MAX_IMAGES images; a FER2013 test set holds 7,178.
-        frame = pd.concat([model.predict(pd.DataFrame({IMAGE_COLUMN: blobs[i:i + MAX_IMAGES]}))
-                           for i in range(0, len(blobs), MAX_IMAGES)], ignore_index=True)
+        parts = []
+        for i in range(0, len(blobs), MAX_IMAGES):
+            part = model.predict(pd.DataFrame({IMAGE_COLUMN: blobs[i:i + MAX_IMAGES]}), params=params)
+            part[ROW] += i
+            parts.append(part)
+        frame = pd.concat(parts, ignore_index=True)
         probs = frame[PROB_COLUMNS].to_numpy()
     except Exception as exc:  # noqa: BLE001 - a model that is not this project's image pyfunc
-        raise UserError(f"model {args.model} does not take an {IMAGE_COLUMN!r} column and return "
-                        f"{', '.join(PROB_COLUMNS[:2])}, ...: {first_line(exc)}") from None
-    order = np.argsort(-probs, axis=1)[:, :args.top_k]
+        raise UserError(f"model {args.model} does not take an {IMAGE_COLUMN!r} column and return a row per face "
+                        f"({ROW}, {', '.join(PROB_COLUMNS[:2])}, ...): {first_line(exc)}") from None
+    order = np.argsort(-np.nan_to_num(probs, nan=-1.0), axis=1)[:, :args.top_k]
     rows = []
-    for i, name in enumerate(names):
-        row = {"input": name, "emotion": frame[EMOTION].iloc[i],
-               "top": [(CLASS_NAMES[j], float(probs[i, j])) for j in order[i]]}
+    for k, f in enumerate(frame.itertuples(index=False)):
+        i, found = int(getattr(f, ROW)), bool(getattr(f, FACE_FOUND))
+        row = {"input": names[i], "face": [int(getattr(f, c)) for c in BOX_COLUMNS] if found else None,
+               "emotion": getattr(f, EMOTION), "top": [(CLASS_NAMES[j], float(probs[k, j])) for j in order[k]] if found else []}
         if labels is not None:
             row["label"] = CLASS_NAMES[int(labels[i])]
         rows.append(row)
+    without = sum(r["face"] is None for r in rows)
+    if without:
+        print(f"{without} of {len(blobs)} image(s): no face found (a row each, emotion 'no face'; --whole-image "
+              "takes each image whole)", file=sys.stderr)
+    if args.annotate:
+        written = annotate(Path(args.annotate), names, blobs, frame)
+        print(f"{len(written)} annotated image(s) written to {args.annotate}", file=sys.stderr)
     text = render(rows, args.format, args.top_k)
     if args.out:
         Path(args.out).write_text(text + "\n")

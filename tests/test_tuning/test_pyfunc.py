@@ -8,12 +8,21 @@ resolve to today's class, through the one-line re-export in `tuning/pyfunc.py`.
 
 from __future__ import annotations
 
+import base64
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+
+from fer_model.config import ModelSpec
+from fer_model.model import build_model
+from tuning.registry import pyfunc
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 LOAD = """
@@ -40,3 +49,58 @@ def test_a_model_saved_before_the_split_loads_and_predicts_as_it_did(tmp_path):
     # Inference is fp32 on every CPU (fer_model.device.fp32): the same weights give the same numbers.
     np.testing.assert_allclose(np.load(out), expected, atol=1e-6)
     assert (np.load(out).argmax(1) == expected.argmax(1)).all()
+
+
+# --------------------------------------------------------------------------- faces first
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    import mlflow.pyfunc
+
+    torch.manual_seed(0)
+    spec = ModelSpec("cnn-bn", {"width": 0.25})
+    path = pyfunc.save(tmp_path_factory.mktemp("model") / "model", [(build_model(spec).eval(), spec)],
+                       np.zeros((48, 48), np.uint8))
+    return mlflow.pyfunc.load_model(str(path))
+
+
+def _photos() -> list[bytes]:
+    return [(DATA / "astronaut-256.jpg").read_bytes(), (DATA / "coffee-300.jpg").read_bytes(),
+            pyfunc.png_bytes(np.full((48, 48), 90, np.uint8))]
+
+
+def test_a_row_per_face_with_its_input_row_and_box_and_a_no_face_row_never_a_guess(saved_model):
+    frame = saved_model.predict(pd.DataFrame({pyfunc.IMAGE_COLUMN: _photos()}))
+    assert list(frame[pyfunc.ROW]) == [0, 1, 2] and list(frame[pyfunc.FACE_FOUND]) == [True, False, True]
+    face, none, crop = (frame.iloc[i] for i in range(3))
+    assert abs(face["x"] - 88) < 8 and abs(face["y"] - 41) < 8 and face[pyfunc.FACE_SCORE] > 0
+    assert face[pyfunc.PROB_COLUMNS].sum() == pytest.approx(1.0, abs=1e-6) and 0 <= face[pyfunc.LABEL] < 7
+    assert none[pyfunc.EMOTION] == pyfunc.NO_FACE and none[pyfunc.LABEL] == -1 and none[pyfunc.PROB_COLUMNS].isna().all()
+    assert (crop["x"], crop["y"], crop["w"], crop["h"]) == (0, 0, 48, 48) and np.isnan(crop[pyfunc.FACE_SCORE])
+    # The 48x48 path is the network on the image itself, as before faces were looked for.
+    alone = saved_model.predict(pd.DataFrame({pyfunc.IMAGE_COLUMN: _photos()[2:]}))
+    np.testing.assert_array_equal(alone[pyfunc.PROB_COLUMNS].to_numpy()[0], crop[pyfunc.PROB_COLUMNS].to_numpy(dtype=float))
+
+
+def test_whole_image_takes_every_image_as_one_face(saved_model):
+    frame = saved_model.predict(pd.DataFrame({pyfunc.IMAGE_COLUMN: _photos()}), params={pyfunc.WHOLE_IMAGE_PARAM: True})
+    assert list(frame[pyfunc.ROW]) == [0, 1, 2] and frame[pyfunc.FACE_FOUND].all()
+
+
+def test_base64_strings_are_images_too_and_a_bad_one_is_named(saved_model):
+    photos = _photos()
+    as_text = saved_model.predict(pd.DataFrame({pyfunc.IMAGE_COLUMN: [base64.b64encode(p).decode() for p in photos]}))
+    as_bytes = saved_model.predict(pd.DataFrame({pyfunc.IMAGE_COLUMN: photos}))
+    pd.testing.assert_frame_equal(as_text, as_bytes)
+    with pytest.raises(MlflowException, match="row 1: a string must be a base64-encoded image") as exc:
+        pyfunc.values_from_frame(pd.DataFrame({pyfunc.IMAGE_COLUMN: [base64.b64encode(photos[0]).decode(), "no!"]}))
+    assert exc.value.get_http_status_code() == 400
+
+
+def test_work_stops_at_the_deadline_with_a_504():
+    members = [(build_model(ModelSpec("cnn-bn", {"width": 0.25})).eval(), ModelSpec("cnn-bn", {"width": 0.25}))]
+    with pytest.raises(MlflowException, match="longer than 0 s and was stopped") as exc:
+        pyfunc.predict_faces(members, _photos(), deadline_s=0.0)
+    assert exc.value.get_http_status_code() == 504
+    assert len(pyfunc.predict_faces(members, _photos(), deadline_s=60.0)) == 3

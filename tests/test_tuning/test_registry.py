@@ -116,8 +116,11 @@ def test_pyfunc_takes_images_as_users_hold_them(tmp_path, arch, precision):
 
     inputs = {"png": [encoded(g, "PNG") for g in gray], "raw": [g.tobytes() for g in gray],
               "jpeg": [encoded(g, "JPEG") for g in gray], "colour64": [encoded(g, "PNG", (64, 64), "RGB") for g in gray]}
+    # Not 48x48: faces are looked for, and these noise images have none; taken whole, they are resized as training did.
+    assert not model.predict(pd.DataFrame({pyfunc.IMAGE_COLUMN: inputs["colour64"]}))[pyfunc.FACE_FOUND].any()
     for kind, blobs in inputs.items():
-        out = model.predict(pd.DataFrame({pyfunc.IMAGE_COLUMN: blobs}))
+        whole = {pyfunc.WHOLE_IMAGE_PARAM: True} if kind == "colour64" else None
+        out = model.predict(pd.DataFrame({pyfunc.IMAGE_COLUMN: blobs}), params=whole)
         # The training-time path on the same pixels: the data layer's conversion, then predict_proba.
         pixels = torch.from_numpy(np.stack([to_gray48(open_image(b)) if kind != "raw" else g
                                             for b, g in zip(blobs, gray)])[:, None])

@@ -1,13 +1,21 @@
 """The registered model: an MLflow pyfunc that takes images as users hold them and returns emotions.
 
-Input: a DataFrame with a column ``image`` of encoded image bytes (PNG, JPEG, BMP; base64 in a JSON
-request to `mlflow models serve`), or the 2,304 raw bytes of a 48x48 uint8 array. Any size or colour
-mode becomes 48x48 grayscale as the data layer converts odd training images (`fer_model.inputs`).
+Input: a DataFrame with a column ``image`` of encoded image bytes (PNG, JPEG, BMP, TIFF; base64 in a JSON
+request to `mlflow models serve`, also as plain base64 strings in an ``inputs`` or ``instances`` body or a
+CSV), or the 2,304 raw bytes of a 48x48 uint8 array. Every colour mode becomes grayscale as the data
+layer converts odd training images (`fer_model.inputs`).
+Faces first (`fer_model.faces`): a 48x48 image is a FER2013 crop already, the whole image its face; in
+any other image the faces are found and each is cropped as FER2013 cropped its faces. The param
+``whole_image=True`` resizes every image whole instead (the behaviour before faces were looked for).
 At most `MAX_IMAGES` (4,096) images a request, each of at most `fer_model.inputs.MAX_PIXELS` (40 Mpx):
 beyond either, or for a value that is not an image, the request is refused as INVALID_PARAMETER_VALUE
-(a 400 when served), naming the row or the limit.
-Output: one row per image: ``label`` (0-6), ``emotion`` and ``p_<class>`` for each class, summing to 1
-whether a member network outputs logits (Model 2) or probabilities (Model 1).
+(a 400 when served), naming the row or the limit. Work stops once `DEADLINE_ENV` seconds have passed
+(`tuning.serve` sets it to the server's request timeout): a 504 the model's own, not work left running.
+Output: one row per face: ``row`` (the input row it came from), ``face_found``, its box ``x``, ``y``,
+``w``, ``h`` in the input's pixels and the detector's ``face_score`` (NaN for a 48x48 crop), then
+``label`` (0-6), ``emotion`` and ``p_<class>`` for each class, summing to 1 whether a member network
+outputs logits (Model 2) or probabilities (Model 1). An input with no face gives one row with
+``face_found`` false, ``emotion`` "no face", ``label`` -1 and no probabilities (NaN): never a guess.
 
 One class holds one or more member networks (their probabilities averaged), so an ensemble registers
 the same way. A model saved with a test-time augmentation (``tta``: flip, tencrop; in its MLmodel's
@@ -18,25 +26,37 @@ files (`fer_model.model.save_network`: spec and state_dict, read with ``weights_
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import os
+import time
+from importlib.metadata import version as _version
 from pathlib import Path
 from typing import Any, Sequence
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INVALID_PARAMETER_VALUE
 
 import fer_model
 import tuning
-from fer_model.config import CLASS_NAMES, check_tta
+from fer_model.config import CLASS_NAMES, IMAGE_SIZE, check_tta
 from fer_model.ensemble import average
+from fer_model.faces import face_batch
 from fer_model.inputs import ImageError, image_batch, predict_proba
 from fer_model.model import load_network, save_network
 
 IMAGE_COLUMN = "image"
 LABEL, EMOTION = "label", "emotion"
+ROW, FACE_FOUND, FACE_SCORE = "row", "face_found", "face_score"
+BOX_COLUMNS = ["x", "y", "w", "h"]
+NO_FACE = "no face"  # the emotion of an input in which no face was found
+WHOLE_IMAGE_PARAM = "whole_image"  # predict param: resize each image whole, look for no face
+DEADLINE_ENV = "FER_PREDICT_DEADLINE_S"  # seconds a predict call may work (unset: no limit)
 PROB_COLUMNS = [f"p_{name}" for name in CLASS_NAMES]
 MEMBER_PREFIX = "member_"
 # Images a request may hold: bounds one request's decoding time (each image is decoded in turn, so
@@ -54,20 +74,38 @@ class FerClassifier(mlflow.pyfunc.PythonModel):
         self.tta = check_tta((context.model_config or {}).get(TTA_CONFIG, "none"))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return predict_frame(self.members, images_from_frame(model_input), self.tta)
+        deadline = float(os.environ[DEADLINE_ENV]) if os.environ.get(DEADLINE_ENV) else None
+        whole = bool((params or {}).get(WHOLE_IMAGE_PARAM, False))
+        return predict_faces(self.members, values_from_frame(model_input), self.tta, whole, deadline)
 
 
-def images_from_frame(frame: Any):
-    """The ``image`` column as uint8 (N, 1, 48, 48); a bad value is a 400-class error naming its row, more
-    than `MAX_IMAGES` rows one naming the limit."""
+def values_from_frame(frame: Any) -> list[Any]:
+    """The ``image`` column's values, plain base64 strings decoded (an ``inputs``/``instances`` body or a
+    CSV passes them undecoded); no such column, or more than `MAX_IMAGES` rows, is a 400-class error."""
     if not isinstance(frame, pd.DataFrame) or IMAGE_COLUMN not in frame.columns:
         raise MlflowException(f"the input needs a column {IMAGE_COLUMN!r} of encoded images (base64 in JSON)",
                               error_code=INVALID_PARAMETER_VALUE)
     if len(frame) > MAX_IMAGES:
         raise MlflowException(f"a request holds at most {MAX_IMAGES} images, got {len(frame)}: send them in "
                               f"requests of {MAX_IMAGES} or fewer", error_code=INVALID_PARAMETER_VALUE)
+    return [_decoded(i, v) for i, v in enumerate(frame[IMAGE_COLUMN])]
+
+
+def _decoded(row: int, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
     try:
-        return image_batch(frame[IMAGE_COLUMN])
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise MlflowException(f"row {row}: a string must be a base64-encoded image", error_code=INVALID_PARAMETER_VALUE) from None
+
+
+def images_from_frame(frame: Any):
+    """The ``image`` column as uint8 (N, 1, 48, 48), each image resized whole; a bad value is a 400-class
+    error naming its row, more than `MAX_IMAGES` rows one naming the limit."""
+    values = values_from_frame(frame)
+    try:
+        return image_batch(values)
     except ImageError as exc:
         raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
@@ -88,6 +126,43 @@ def predict_frame(members: Sequence, images, tta: str = "none") -> pd.DataFrame:
     return frame
 
 
+def predict_faces(members: Sequence, values: Sequence[Any], tta: str = "none", whole_image: bool = False,
+                  deadline_s: float | None = None) -> pd.DataFrame:
+    """One row per face of `values` (images as users hold them), then one per input without a face, in
+    input order (see the module docstring). Past `deadline_s` seconds the work stops with a 504-class error."""
+    start = time.monotonic()
+
+    def check_time() -> None:
+        if deadline_s is not None and time.monotonic() - start > deadline_s:
+            raise MlflowException(f"the prediction took longer than {deadline_s:g} s and was stopped: send fewer or "
+                                  "smaller images a request", error_code=DEADLINE_EXCEEDED)
+
+    faces = []
+    for i, value in enumerate(values):  # one image at a time: the deadline is checked between them
+        check_time()
+        try:
+            faces.append(face_batch([value], whole_image))
+        except ImageError as exc:
+            raise MlflowException(f"row {i}: {str(exc).removeprefix('row 0: ')}", error_code=INVALID_PARAMETER_VALUE) from None
+    check_time()
+    crops = np.concatenate([f.crops for f in faces]) if faces else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    frame = predict_frame(members, torch.from_numpy(crops[:, None].copy()), tta)
+    rows = [i for i, f in enumerate(faces) for _ in f.faces]
+    boxes = [face for f in faces for face in f.faces]
+    frame.insert(0, ROW, np.asarray(rows, dtype=np.int64))
+    frame.insert(1, FACE_FOUND, True)
+    for j, key in enumerate(BOX_COLUMNS):
+        frame.insert(2 + j, key, np.asarray([getattr(b, key) for b in boxes], dtype=np.int64))
+    frame.insert(6, FACE_SCORE, np.asarray([b.score for b in boxes], dtype=np.float64))
+    missing = [i for i, f in enumerate(faces) if not f.faces]
+    if missing:
+        none = pd.DataFrame({ROW: np.asarray(missing, dtype=np.int64), FACE_FOUND: False,
+                             **{k: np.int64(-1) for k in BOX_COLUMNS}, FACE_SCORE: np.nan, LABEL: np.int64(-1),
+                             EMOTION: NO_FACE, **{c: np.nan for c in PROB_COLUMNS}})
+        frame = pd.concat([frame, none], ignore_index=True).sort_values(ROW, kind="stable", ignore_index=True)
+    return frame
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     """A uint8 (48, 48) image as PNG bytes (the model's input example)."""
     from PIL import Image
@@ -98,12 +173,16 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def signature():
+    """Images in; a row per face out; the ``whole_image`` param (see the module docstring)."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
         inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
-        outputs=Schema([ColSpec("long", LABEL), ColSpec("string", EMOTION), *[ColSpec("double", c) for c in PROB_COLUMNS]]))
+        outputs=Schema([ColSpec("long", ROW), ColSpec("boolean", FACE_FOUND), *[ColSpec("long", c) for c in BOX_COLUMNS],
+                        ColSpec("double", FACE_SCORE), ColSpec("long", LABEL), ColSpec("string", EMOTION),
+                        *[ColSpec("double", c) for c in PROB_COLUMNS]]),
+        params=ParamSchema([ParamSpec(WHOLE_IMAGE_PARAM, "boolean", False)]))
 
 
 def save(path: Path, networks: Sequence[tuple[Any, Any]], example_image: np.ndarray, tta: str = "none") -> Path:
@@ -131,5 +210,5 @@ def save(path: Path, networks: Sequence[tuple[Any, Any]], example_image: np.ndar
             code_paths=code,
             # Stated, not inferred: inference would load the model in a subprocess (~20 s a stage).
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy",
-                              "pandas", "pillow", "scikit-learn"])
+                              "pandas", "pillow", "scikit-learn", f"dlib-bin=={_version('dlib-bin')}"])  # dlib: faces
     return path
