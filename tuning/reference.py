@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("tuning.grid", "tuning.search", "tuning.final", "tuning.promote", "tuning.predict")
+COMMANDS = ("tuning.grid", "tuning.search", "tuning.final", "tuning.promote", "tuning.predict", "tuning.serve")
 
 
 def _cell(text: str) -> str:
