@@ -6,13 +6,11 @@ figure stays as it was. Any other image goes through a face detector, and each f
 
 The detector is dlib's HOG + linear SVM frontal-face detector (`dlib.get_frontal_face_detector`, from the
 `dlib-bin` wheel: its model is compiled into the library, no weights file to fetch). Chosen over OpenCV's
-Haar cascades by `benchmarks/face_detectors.py` on this machine (docs/results.md): on 400 real FER2013 test
-faces set into 320x320 scenes it found 87.8% (Haar `frontalface_default`: 80.0%) with no box elsewhere (Haar:
-1), in 28 ms a scene (Haar 19 ms), 71 ms on the 512x512 astronaut portrait (Haar 125 ms), and its wheel is
-4 MB against OpenCV's 62 MB. Neither found the cameraman's half-turned face, nor a face in the coffee or
-cat photos.
+Haar cascades by `benchmarks/face_detectors.py` (its figures: docs/results.md): more of FER2013's own faces
+found, at a similar speed, from a 4 MB wheel against OpenCV's 62 MB (whose 5.x wheels no longer ship the
+cascades).
 
-The crop: on those 400 faces, FER2013's crop is 1.11 times the side of the HOG box (median; quartiles
+The crop: on 400 FER2013 test faces, FER2013's crop is 1.11 times the side of the HOG box (median; quartiles
 1.11-1.32) and centred 0.09 box heights above its centre: `CROP_SCALE`, `CROP_SHIFT`. Parts of a crop
 outside the photo are filled by repeating its edge pixels.
 """
