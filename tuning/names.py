@@ -95,6 +95,8 @@ TAG_SOURCE_RUN = "source_run_id"
 TAG_PARENT_RUN = "parent_run_id"
 TAG_DATA_FINGERPRINT = "data_fingerprint"
 TAG_TEST_SIZE = "test_size"
+# A version's test-time augmentation (none | flip | tencrop): what it serves with (the final run's param tta).
+TAG_TTA = "tta"
 
 DEFAULT_EXPERIMENT = "fer2013"
 DEFAULT_MODEL_NAME = "fer2013-cnn"

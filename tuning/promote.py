@@ -13,6 +13,10 @@ Exit codes: 0 the alias moved (or, with --dry-run, would move; or a rollback was
 
 Two promotions of one model at once take turns on a sqlite store; on a tracking server the alias is
 moved by compare-and-set, and the loser is decided again against the new champion.
+
+By default each version is measured on what it serves: a version registered with test-time
+augmentation (its ``tta`` tag flip or tencrop) by its test accuracy with it (test_acc_tta), any other by
+test_acc; the decision line names the number compared for each. --metric compares that metric of both.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ def build_parser() -> Parser:
                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", help="the candidate version (default: the newest)")
     p.add_argument("--alias", default="champion", help="the alias to move (default champion)")
-    p.add_argument("--metric", default="test_acc",
-                   help="a metric of the versions' final runs; higher is better unless it ends in _loss (default test_acc)")
+    p.add_argument("--metric", default=None,
+                   help="a metric of the versions' final runs; higher is better unless it ends in _loss (default: what each "
+                        "serves: test_acc_tta for a version registered with --tta flip or tencrop, else test_acc)")
     p.add_argument("--min-delta", type=float, default=0.0, help="the candidate must be better by more than this (default 0)")
     p.add_argument("--force", action="store_true", help="promote even if not better, scored on other test data, or from a run that did not finish")
     p.add_argument("--dry-run", action="store_true", help="say what would happen; change nothing")

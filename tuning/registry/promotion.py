@@ -1,7 +1,9 @@
 """The Model Registry: guarded promotion of a version to an alias (`champion`), and rollback.
 
-A candidate takes the alias only when it beats the version holding it, on the same metric of their
-final runs, by more than a margin, and only when both were scored on the same test data (the
+A candidate takes the alias only when it beats the version holding it by more than a margin, on what
+each serves: by default its test accuracy as it answers, with the test-time augmentation it was
+registered with (its ``tta`` tag: ``test_acc_tta`` for flip or tencrop, else ``test_acc``); with an
+explicit metric, that metric of both final runs, and only when both were scored on the same test data (the
 ``data_fingerprint`` and ``test_size`` tags every registered version carries). The version that loses
 the alias gets the ``previous`` alias; a rollback gives the alias back to it. Every decision is
 recorded as tags on the versions, so the history shows on the model's page in the MLflow UI.
@@ -50,12 +52,23 @@ def higher_is_better(metric: str) -> bool:
     return not metric.endswith("_loss")
 
 
+def serving_tta(version) -> str:
+    """The test-time augmentation `version` answers with (its ``tta`` tag): ``none`` when it has none."""
+    return (version.tags.get(N.TAG_TTA) or "none").strip() or "none"
+
+
+def serving_metric(version) -> str:
+    """What `version` serves, as a metric of its final run: ``test_acc_tta`` when it was registered
+    with test-time augmentation, else ``test_acc``."""
+    return M.TEST_ACC if serving_tta(version) == "none" else M.TEST_ACC_TTA
+
+
 @dataclass(frozen=True)
 class PromotionRequest:
     model_name: str
     version: str | None = None  # None: the newest version
     alias: str = CHAMPION
-    metric: str = M.TEST_ACC
+    metric: str | None = None  # None: each version's serving accuracy (`serving_metric`); else this metric of both
     min_delta: float = 0.0
     force: bool = False
     dry_run: bool = False
@@ -71,18 +84,29 @@ class Decision:
     candidate_value: float | None  # None: a refused candidate whose run has no such metric
     incumbent_value: float | None
     reason: str
+    # Which number was compared for each: the metric's name and, when it is the serving accuracy of a
+    # version that answers with test-time augmentation, that augmentation ("" otherwise).
+    candidate_metric: str = M.TEST_ACC
+    incumbent_metric: str = M.TEST_ACC
+    candidate_tta: str = ""
+    incumbent_tta: str = ""
 
     def describe(self, req: PromotionRequest) -> str:
-        """One line: both versions' metric, where the alias goes, and why."""
-        ours = f"version {self.candidate} " + (f"{req.metric} {self.candidate_value:.4f}" if self.candidate_value is not None
-                                               else f"(no {req.metric})")
-        theirs = (f"{req.alias} version {self.incumbent} {req.metric} {self.incumbent_value:.4f}"
-                  if self.incumbent is not None else f"no {req.alias} yet")
+        """One line: the number compared for each version, where the alias goes, and why."""
+        ours = f"version {self.candidate} " + (
+            f"{self.candidate_metric} {self.candidate_value:.4f}{_serves(self.candidate_tta)}"
+            if self.candidate_value is not None else f"(no {self.candidate_metric})")
+        theirs = (f"{req.alias} version {self.incumbent} {self.incumbent_metric} {self.incumbent_value:.4f}"
+                  f"{_serves(self.incumbent_tta)}" if self.incumbent is not None else f"no {req.alias} yet")
         verb = ("would move" if req.dry_run else "moved") if self.promote else ("would stay" if req.dry_run else "stays")
         where = (f"{req.alias} {verb} to version {self.candidate}" if self.promote
                  else f"{req.alias} {verb} unset" if self.incumbent is None
                  else f"{req.alias} {verb} with version {self.incumbent}")
         return f"{ours}; {theirs}: {where} ({self.reason})"
+
+
+def _serves(tta: str) -> str:
+    return f" (serves with {tta})" if tta else ""
 
 
 def _version(client: MlflowClient, name: str, version: str | None):
@@ -119,47 +143,69 @@ def _run_of(client: MlflowClient, version):
 
 
 def metric_of(client: MlflowClient, version, metric: str, run=None) -> float:
-    """`metric` of the final run that produced `version` (`run`, when already read)."""
+    """`metric` of the final run that produced `version` (`run`, when already read); ``test_acc_tta``
+    falls back on the version's tag of that name (4 decimals) when the run lacks it."""
     metrics = (run or _run_of(client, version)).data.metrics
+    if metric not in metrics and metric == M.TEST_ACC_TTA and version.tags.get(M.TEST_ACC_TTA):
+        try:
+            return float(version.tags[M.TEST_ACC_TTA])
+        except ValueError:
+            pass
     if metric not in metrics:
         raise UserError(f"version {version.version}'s run {version.run_id} has no metric {metric!r} "
                         f"(it has: {', '.join(sorted(metrics))})")
     return float(metrics[metric])
 
 
+def _compared(version, req: PromotionRequest) -> tuple[str, str]:
+    """The metric compared for `version`, and the TTA it serves with when that is why ("" otherwise)."""
+    if req.metric is not None:
+        return req.metric, ""
+    metric = serving_metric(version)
+    return metric, (serving_tta(version) if metric == M.TEST_ACC_TTA else "")
+
+
 def decide(client: MlflowClient, req: PromotionRequest) -> Decision:
     """Compare the candidate with the alias holder; change nothing.
 
-    A candidate whose run is not FINISHED (killed, failed, still running: a model of a training that
-    did not end) is refused unless --force.
+    Without `req.metric`, each is measured on what it serves (`serving_metric`): a version registered
+    with --tta flip or tencrop by its test accuracy with it. A candidate whose run is not FINISHED
+    (killed, failed, still running: a model of a training that did not end) is refused unless --force.
     """
     cand = _version(client, req.model_name, req.version)
     cand_v, run = str(cand.version), _run_of(client, cand)
     holder = _holder(client, req.model_name, req.alias)
     held_v = str(holder.version) if holder is not None else None
-    theirs = metric_of(client, holder, req.metric) if holder is not None else None
+    cand_metric, cand_tta = _compared(cand, req)
+    held_metric, held_tta = _compared(holder, req) if holder is not None else (cand_metric, "")
+    theirs = metric_of(client, holder, held_metric) if holder is not None else None
+    named = {"candidate_metric": cand_metric, "incumbent_metric": held_metric, "candidate_tta": cand_tta,
+             "incumbent_tta": held_tta}
+
+    def decision(promote_: bool, value: float | None, reason: str) -> Decision:
+        return Decision(promote_, cand_v, held_v, value, theirs, reason, **named)
+
     unfinished = f"its run {run.info.run_id} is {run.info.status}, not FINISHED" if run.info.status != FINISHED else ""
     if unfinished and not req.force:
-        return Decision(False, cand_v, held_v, run.data.metrics.get(req.metric), theirs,
+        return decision(False, run.data.metrics.get(cand_metric),
                         f"{unfinished}: its training did not end; --force to promote anyway")
-    value = metric_of(client, cand, req.metric, run)
+    value = metric_of(client, cand, cand_metric, run)
     if holder is None:
-        return Decision(True, cand_v, None, value, None,
+        return decision(True, value,
                         f"the first {req.alias}" + (f"; --force: {unfinished}" if unfinished else ""))
     if held_v == cand_v:
-        return Decision(False, cand_v, held_v, value, theirs, f"version {cand_v} already holds it")
+        return decision(False, value, f"version {cand_v} already holds it")
     same_data = all(cand.tags.get(t) and cand.tags.get(t) == holder.tags.get(t) for t in (N.TAG_DATA_FINGERPRINT, N.TAG_TEST_SIZE))
     if not same_data and not req.force:
-        return Decision(False, cand_v, held_v, value, theirs,
+        return decision(False, value,
                         f"not comparable: scored on other test data (test size {cand.tags.get(N.TAG_TEST_SIZE, '?')} vs "
                         f"{holder.tags.get(N.TAG_TEST_SIZE, '?')}, fingerprints differ or are missing); --force to promote anyway")
-    gain = (value - theirs) if higher_is_better(req.metric) else (theirs - value)
+    gain = (value - theirs) if higher_is_better(cand_metric) else (theirs - value)
     if req.force:
-        return Decision(True, cand_v, held_v, value, theirs, "--force" + (f": {unfinished}" if unfinished else ""))
+        return decision(True, value, "--force" + (f": {unfinished}" if unfinished else ""))
     if gain > req.min_delta:
-        return Decision(True, cand_v, held_v, value, theirs, f"better by {gain:.4f} > {req.min_delta:g}")
-    return Decision(False, cand_v, held_v, value, theirs,
-                    f"not better by more than {req.min_delta:g} (difference {gain:+.4f})")
+        return decision(True, value, f"better by {gain:.4f} > {req.min_delta:g}")
+    return decision(False, value, f"not better by more than {req.min_delta:g} (difference {gain:+.4f})")
 
 
 def promote(client: MlflowClient, req: PromotionRequest) -> Decision:
