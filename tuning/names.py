@@ -30,6 +30,8 @@ TAG_STAGE = "stage"
 STAGE_GRID, STAGE_SEARCH, STAGE_TRIAL, STAGE_FINAL = "grid", "search", "trial", "final"
 TAG_TRIAL_ID = "tune_trial_id"
 TAG_STUDY = "optuna_study"
+# On each Optuna trial of a search: the MLflow run id of the trial (optuna-dashboard shows it beside the trial).
+OPTUNA_RUN_ID_ATTR = "mlflow_run_id"
 TAG_TUNE_PATH = "tune_experiment_path"  # where Tune keeps a stage's state, for --resume
 TAG_STAGE_INPUTS = "stage_inputs"  # JSON of a grid's typed inputs: what a --resume keeps
 TAG_CHAIN = "chain"  # JSON, on a grid run: the stages that follow it (search, final)

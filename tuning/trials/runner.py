@@ -25,7 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 from fer_model import metrics as M
 from fer_model.cli import drop_log_messages, sigterm_as_ctrl_c
 from fer_model.errors import UserError, first_line, storage_error
-from tuning.names import EPOCH
+from tuning.names import EPOCH, OPTUNA_RUN_ID_ATTR, RUN_ID
 from tuning.options import ClusterOptions, SchedulerSettings
 from tuning.tracking.liveness import pid_namespace, process_start_time
 from tuning.trials import phases
@@ -328,11 +328,46 @@ def scheduler_for(settings: SchedulerSettings, max_epochs: int):
                          reduction_factor=settings.reduction_factor)
 
 
+class LinkedOptunaSearch(OptunaSearch):
+    """OptunaSearch whose Optuna trials link to their MLflow runs and draw learning curves.
+
+    On each result a trial reports (each epoch, through `tune.report`), its Optuna trial gets the
+    validation accuracy as the intermediate value at step = epoch (Ray's own OptunaSearch reports
+    at Tune's training_iteration), and once, the user attribute ``mlflow_run_id``
+    (`OPTUNA_RUN_ID_ATTR`): optuna-dashboard then shows a curve per trial and the run it came from.
+    An epoch already reported (a retry or a --resume going over it again) is not reported twice.
+
+    Its state is OptunaSearch's (`save` pickles ``__dict__``, `restore` updates it), plus the last
+    epoch reported per trial; a searcher saved by plain OptunaSearch restores without it.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._reported_epochs: dict[str, int] = {}  # Tune's trial id -> the last epoch reported to Optuna
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, list) or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return  # multi-objective (no intermediate values), or a result after the trial was told
+        ot_trial = self._ot_trials[trial_id]
+        run_id = result.get(RUN_ID)
+        if run_id and ot_trial.user_attrs.get(OPTUNA_RUN_ID_ATTR) != run_id:  # user_attrs: Optuna's cached copy
+            ot_trial.set_user_attr(OPTUNA_RUN_ID_ATTR, run_id)
+        epoch, value = result.get(EPOCH), result.get(self.metric)
+        reported = getattr(self, "_reported_epochs", None)
+        if reported is None:  # restored from a searcher saved before this class
+            reported = self._reported_epochs = {}
+        if epoch is None or value is None or int(epoch) <= reported.get(trial_id, 0):
+            return
+        ot_trial.report(float(value), int(epoch))
+        reported[trial_id] = int(epoch)
+
+
 def optuna_searcher(study: OptunaStudy):
-    """Ray Tune's OptunaSearch over `study` (its storage keeps every trial: --resume, optuna-dashboard)."""
+    """Ray Tune's OptunaSearch over `study` (its storage keeps every trial: --resume, optuna-dashboard),
+    with each trial's MLflow run id and per-epoch validation accuracy on its Optuna trial."""
     storage = optuna.storages.RDBStorage(study.storage_url)
-    return OptunaSearch(points_to_evaluate=list(study.start_points) or None,
-                        sampler=optuna.samplers.TPESampler(seed=study.seed), study_name=study.name, storage=storage)
+    return LinkedOptunaSearch(points_to_evaluate=list(study.start_points) or None,
+                              sampler=optuna.samplers.TPESampler(seed=study.seed), study_name=study.name, storage=storage)
 
 
 def can_restore(path: str) -> bool:
