@@ -24,7 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from fer_model.data import DataConfig, load, read_cached  # noqa: E402
+from fer_model.cache import read_cached  # noqa: E402
+from fer_model.data import DataConfig, load  # noqa: E402
 
 DEFAULT_DATA = os.environ.get("FER2013_DATA") or str(REPO.parent / "shared/data/fer2013/fer2013-msambare.tar.gz")
 

@@ -56,12 +56,13 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from fer_model import data as fdata
+    from fer_model import cache as fcache
+    from fer_model import sources as fsources
     from fer_model.inputs import to_input, to_probabilities
 
     print("machine:", cpu_flags())
-    raw, _ = fdata.read_cached(args.data)
-    test = np.flatnonzero(np.isin(raw.usage, [fdata.PUBLIC_TEST, fdata.PRIVATE_TEST]))[:args.images]
+    raw, _ = fcache.read_cached(args.data)
+    test = np.flatnonzero(np.isin(raw.usage, [fsources.PUBLIC_TEST, fsources.PRIVATE_TEST]))[:args.images]
     with tempfile.TemporaryDirectory() as d:
         for i in test:
             Image.fromarray(raw.images[i]).save(Path(d) / f"{i:05d}.png")

@@ -17,8 +17,9 @@ from torch import nn
 
 from fer_model import metrics as M
 from fer_model.config import ModelSpec
-from fer_model.data import CLASS_NAMES, PRIVATE_TEST, PUBLIC_TEST, Split
+from fer_model.data import CLASS_NAMES, Split
 from fer_model.inputs import predict_proba
+from fer_model.sources import PRIVATE_TEST, PUBLIC_TEST
 
 # File names of the evaluation artifacts (the tuning stages log them under evaluation/).
 CONFUSION_PNG = "confusion_matrix.png"

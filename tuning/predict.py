@@ -80,12 +80,12 @@ def read_test_folder(root: Path) -> tuple[list[str], list[bytes], "np.ndarray", 
     folders by name, PublicTest/PrivateTest by file-name prefix) so scores match a full source's."""
     import numpy as np
 
-    from fer_model import data as fdata
+    from fer_model import sources as fsources
 
     test = _child(root, "test")
     placed = {}
     for f in image_files([test]):
-        place = fdata._place(f.relative_to(root).as_posix())  # DataError naming an unknown class folder
+        place = fsources._place(f.relative_to(root).as_posix())  # DataError naming an unknown class folder
         if place is not None:
             placed[str(f)] = place
     names, blobs = read_images([Path(n) for n in placed])
@@ -226,10 +226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sources and is_test_folder(sources[0]):
         names, blobs, labels, usage = read_test_folder(sources[0])
     elif sources:
-        from fer_model import data as fdata
+        from fer_model import cache as fcache
+        from fer_model import sources as fsources
 
-        raw, _ = fdata.read_cached(sources[0], args.cache_dir)
-        test = np.isin(raw.usage, [fdata.PUBLIC_TEST, fdata.PRIVATE_TEST, fdata.TEST_UNKNOWN_HALF])
+        raw, _ = fcache.read_cached(sources[0], args.cache_dir)
+        test = np.isin(raw.usage, [fsources.PUBLIC_TEST, fsources.PRIVATE_TEST, fsources.TEST_UNKNOWN_HALF])
         images, labels, usage = raw.images[test], raw.labels[test], raw.usage[test]
         names = [f"{sources[0].name}#{i}" for i in np.flatnonzero(test)]
         blobs = [img.tobytes() for img in images]  # raw 48x48 grey levels: the model's other input form

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fer_model import metrics as M
-from fer_model.data import PRIVATE_TEST, PUBLIC_TEST
 from fer_model.evaluate import evaluate_probabilities, save_evaluation
+from fer_model.sources import PRIVATE_TEST, PUBLIC_TEST
 
 
 def test_hand_computable_case(tmp_path):
