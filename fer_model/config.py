@@ -216,6 +216,9 @@ class TrainConfig:
     rotate: float = 0.0  # degrees: each image turned by up to +-rotate (0 = off)
     scale: float = 0.0  # fraction: each image zoomed by a factor in [1 - scale, 1 + scale] (0 = off)
     erase: float = 0.0  # probability that an image gets one random rectangle zeroed (0 = off)
+    # Decay of an exponential moving average of the weights kept during training (e.g. 0.999; 0 = off):
+    # validated beside the raw weights every epoch, the better of the two kept (`fer_model.training.fit`).
+    ema: float = 0.0
     seed: int = 0
     bf16: bool = True  # training under bfloat16 autocast where native (`device.training_bf16`); inference is always fp32
     channels_last: bool = True  # measured faster on CPU too (see benchmarks/RESULTS.md)
@@ -237,6 +240,7 @@ class TrainConfig:
             (finite(self.rotate) and 0 <= self.rotate <= 45, f"rotate must be in [0, 45] degrees, got {self.rotate}"),
             (finite(self.scale) and 0 <= self.scale <= 0.5, f"scale must be in [0, 0.5], got {self.scale}"),
             (finite(self.erase) and 0 <= self.erase <= 1, f"erase must be a probability in [0, 1], got {self.erase}"),
+            (finite(self.ema) and 0 <= self.ema < 1, f"ema must be a decay in [0, 1) (0 = off), got {self.ema}"),
             (_integer(self.seed), f"seed must be an integer, got {self.seed}"),
         ]
         for ok, message in checks:
@@ -245,7 +249,7 @@ class TrainConfig:
         # Tune and YAML hand over numpy values; normalise so params and checkpoints are clean.
         for name in ("batch_size", "epochs", "warmup", "translate", "seed"):
             object.__setattr__(self, name, int(getattr(self, name)))
-        for name in ("lr", "weight_decay", "label_smoothing", "rotate", "scale", "erase"):
+        for name in ("lr", "weight_decay", "label_smoothing", "rotate", "scale", "erase", "ema"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod

@@ -8,6 +8,7 @@ the loop does not synchronise every step. `benchmarks/throughput.py` measures th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -39,6 +40,10 @@ STEP_EPOCHS, STEP_GAMMA = 7, 0.1
 # in a 15-epoch run, where a longer one would act once at most, and halving (rather than x0.1) costs
 # little when a single noisy validation epoch triggers it.
 PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 2
+# With `TrainConfig.ema`: the averaged weights' validation metrics, beside the raw weights' in each epoch's row.
+VAL_LOSS_EMA, VAL_ACC_EMA = "val_loss_ema", "val_acc_ema"
+
+
 class FitStatus(str, Enum):
     """How `fit` ended, decided here once. Its values are `tuning.names.Outcome`'s (a trial's outcome is its
     fit's status, unless the trial failed or its driver died), so the tuning side converts by value."""
@@ -73,6 +78,7 @@ class FitResult:
     config: TrainConfig
     best_epoch: int = 0  # 1-based epoch of the highest validation accuracy in `history` (0: none)
     model_epoch: int = 0  # the last epoch; with `fit(keep_best=True)`, the best one (see `fit`)
+    averaged: bool = False  # the model holds that epoch's moving average of the weights (`TrainConfig.ema`), not its raw weights
 
     @property
     def epochs_completed(self) -> int:
@@ -103,6 +109,30 @@ class Plateau:
 
 
 EpochCallback = Callable[[EpochResult], "bool | None"]
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (`TrainConfig.ema`), updated after every
+    optimizer step: ``avg = decay * avg + (1 - decay) * weights`` for each parameter, buffers (BatchNorm's
+    running statistics and counts) copied as they are. It starts from the weights it is made with."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model)  # same device and memory format
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for avg, p in zip(self.model.parameters(), model.parameters()):
+            avg.lerp_(p.detach(), 1.0 - self.decay)
+        for avg, b in zip(self.model.buffers(), model.buffers()):
+            avg.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -152,8 +182,10 @@ def _loss_acc(model: nn.Module, split: Split, cfg: TrainConfig, device: torch.de
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, split: Split,
-                    cfg: TrainConfig, shuffle: torch.Generator, aug: torch.Generator | None) -> tuple[float, float]:
-    """One pass over `split` (already on the model's device). Returns (mean loss, accuracy)."""
+                    cfg: TrainConfig, shuffle: torch.Generator, aug: torch.Generator | None,
+                    average: WeightAverage | None = None) -> tuple[float, float]:
+    """One pass over `split` (already on the model's device), `average` updated after every step.
+    Returns (mean loss, accuracy)."""
     device = split.images.device
     n = len(split)
     order = torch.randperm(n, generator=shuffle).to(device)
@@ -174,6 +206,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if average is not None:
+            average.update(model)
         loss_sum += loss.detach() * y.shape[0]
         correct += (out.detach().argmax(1) == y).sum()
         # A cheap sync every 50 steps so a diverged run stops within the epoch.
@@ -198,6 +232,13 @@ def fit(cfg: TrainConfig, data: FerData, on_epoch: EpochCallback | None = None,
     checkpoints carry it. Resumed from a checkpoint without that copy (written without `keep_best`,
     or before it existed), the earlier epochs' weights are unknown: the best is then chosen among the
     checkpoint's own epoch and those after it (`FitResult.model_epoch` says which was kept).
+
+    With ``cfg.ema`` > 0 a moving average of the weights (`WeightAverage`) is kept too and validated
+    after every epoch (`VAL_LOSS_EMA`, `VAL_ACC_EMA` in its row; `VAL_ACC` stays the raw weights'). An
+    epoch then scores the better of its two accuracies, and the model returned holds whichever of that
+    epoch's raw or averaged weights scored higher (the raw on a tie; `FitResult.averaged` says which).
+    Checkpoints carry the average, so a resumed run matches an uninterrupted one. With ``cfg.ema`` 0
+    nothing of this happens and the run is the same, bit for bit, as before the option existed.
     """
     if resume is not None:
         _check_resumable(cfg, resume)  # before any work: a wrong checkpoint is the user's error
@@ -217,10 +258,14 @@ def fit(cfg: TrainConfig, data: FerData, on_epoch: EpochCallback | None = None,
     aug = torch.Generator(device=device).manual_seed(cfg.seed + 1) if augmenting(cfg) else None
     history: list[dict[str, float]] = []
     start_epoch = 0
-    best: dict[str, Any] | None = None  # with keep_best: {"epoch", "val_acc", "model" (a CPU state_dict)}
+    # with keep_best: {"epoch", "val_acc", "model" (a CPU state_dict), "averaged" (it is the weights' average)}
+    best: dict[str, Any] | None = None
+    average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None  # from the initial weights
 
     if resume is not None:
         model.load_state_dict(resume["model"])
+        if average is not None:  # the config check has made sure a checkpoint of an ema run has it
+            average.load_state_dict(resume["ema"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         if "plateau" in resume:  # checkpoints from before "plateau" existed never needed one
@@ -228,9 +273,8 @@ def fit(cfg: TrainConfig, data: FerData, on_epoch: EpochCallback | None = None,
         history = [dict(h) for h in resume["history"]]
         start_epoch = int(resume["epoch"])
         if keep_best:
-            best = resume.get("best") or (
-                {"epoch": start_epoch, "val_acc": history[-1][M.VAL_ACC], "model": _cpu_copy(resume["model"])}
-                if history else None)
+            best = resume.get("best") or (_best_of_epoch(start_epoch, history[-1], resume["model"], resume.get("ema"))
+                                          if history else None)
         rng = resume["rng"]
         torch.set_rng_state(rng["torch"])
         shuffle.set_state(rng["shuffle"])
@@ -248,6 +292,8 @@ def fit(cfg: TrainConfig, data: FerData, on_epoch: EpochCallback | None = None,
         out = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "plateau": dataclasses.asdict(plateau), "epoch": epoch,
                "history": [dict(h) for h in history], "rng": rng, "config": cfg.to_dict()}
+        if average is not None:
+            out["ema"] = average.state_dict()
         if best is not None:
             out["best"] = best
         return out
@@ -256,16 +302,21 @@ def fit(cfg: TrainConfig, data: FerData, on_epoch: EpochCallback | None = None,
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         lr_now = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = train_one_epoch(model, optimizer, scheduler, train, cfg, shuffle, aug)
+        train_loss, train_acc = train_one_epoch(model, optimizer, scheduler, train, cfg, shuffle, aug, average)
         train_seconds = time.perf_counter() - t0
         val_loss, val_acc = _loss_acc(model, val, cfg, device)
+        averaged = {}
+        if average is not None:
+            averaged = dict(zip((VAL_LOSS_EMA, VAL_ACC_EMA), _loss_acc(average.model, val, cfg, device)))
         row = {M.TRAIN_LOSS: train_loss, M.TRAIN_ACC: train_acc, M.VAL_LOSS: val_loss, M.VAL_ACC: val_acc,
                M.EPOCH_SECONDS: time.perf_counter() - t0, M.IMAGES_PER_SECOND: len(train) / train_seconds,
-               M.LR: lr_now}
+               M.LR: lr_now, **averaged}
         history.append(row)
         finite = math.isfinite(train_loss) and math.isfinite(val_loss)  # a diverging epoch is never the best
-        if keep_best and finite and (best is None or val_acc > best["val_acc"]):
-            best = {"epoch": epoch + 1, "val_acc": val_acc, "model": _cpu_copy(model.state_dict())}
+        if keep_best and finite:
+            candidate = _best_of_epoch(epoch + 1, row, model.state_dict(), average and average.state_dict())
+            if best is None or candidate["val_acc"] > best["val_acc"]:
+                best = candidate
         if cfg.schedule == "plateau" and plateau.step(val_acc):
             _reapply_lr(optimizer, scheduler)  # the next epoch's first step already uses the cut lr
         diverged = not math.isfinite(train_loss)
@@ -276,13 +327,30 @@ def fit(cfg: TrainConfig, data: FerData, on_epoch: EpochCallback | None = None,
         if stop:
             status = FitStatus.STOPPED_EARLY
             break
-    model_epoch = len(history)
+    model_epoch, use_average = len(history), False
     if best is not None:
-        if best["epoch"] != model_epoch:
+        if best["epoch"] != model_epoch or best.get("averaged", False):
             model.load_state_dict(best["model"])
-        model_epoch = best["epoch"]
+        model_epoch, use_average = best["epoch"], best.get("averaged", False)
+    elif average is not None and history and _average_is_better(history[-1]):
+        model.load_state_dict(average.state_dict())  # the last epoch's average validated better than its raw weights
+        use_average = True
     return FitResult(model=model, history=history, status=status, config=cfg,
-                     best_epoch=M.best_epoch(history), model_epoch=model_epoch)
+                     best_epoch=M.best_epoch(history), model_epoch=model_epoch, averaged=use_average)
+
+
+def _average_is_better(row: Mapping[str, float]) -> bool:
+    """Whether an epoch's averaged weights validated strictly better than its raw ones (finite, and it had them)."""
+    acc = row.get(VAL_ACC_EMA)
+    return acc is not None and math.isfinite(row.get(VAL_LOSS_EMA, math.nan)) and acc > row[M.VAL_ACC]
+
+
+def _best_of_epoch(epoch: int, row: Mapping[str, float], raw: Mapping[str, torch.Tensor],
+                   averaged: Mapping[str, torch.Tensor] | None) -> dict[str, Any]:
+    """`fit(keep_best=True)`'s candidate for an epoch: its raw or, where they validated better, averaged weights (a CPU copy)."""
+    if averaged is not None and _average_is_better(row):
+        return {"epoch": epoch, "val_acc": row[VAL_ACC_EMA], "model": _cpu_copy(averaged), "averaged": True}
+    return {"epoch": epoch, "val_acc": row[M.VAL_ACC], "model": _cpu_copy(raw), "averaged": False}
 
 
 def _cpu_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
