@@ -47,6 +47,10 @@ DEFAULT_MODEL = f"models:/{DEFAULT_MODEL_NAME}@champion"
 DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKERS, DEFAULT_TIMEOUT_S = "127.0.0.1", 5001, 1, 60
 TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # read by MLflow's scoring server
 STOP_GRACE_S = 30  # after Ctrl-C or SIGTERM, the server's time to stop before it is killed
+# The model's own names, restated so that this process never imports it (torch, MLflow, dlib: 2 s and
+# 600 MB, for a process that only waits on the server); tests/test_tuning/test_serve.py checks they agree.
+IMAGE_COLUMN, MAX_IMAGES = "image", 4096  # tuning.registry.pyfunc.IMAGE_COLUMN, .MAX_IMAGES
+DEADLINE_ENV = "FER_PREDICT_DEADLINE_S"  # tuning.registry.pyfunc.DEADLINE_ENV: the model stops its work then
 _ALIAS_URI = re.compile(r"models:/([^/@]+)@([^/@]+)")
 _VERSION_URI = re.compile(r"models:/([^/@]+)/(\d+)")
 
@@ -79,8 +83,6 @@ def request_body(photos: Sequence[Path]) -> dict:
     """``{"dataframe_split": {"columns": ["image"], "data": [[<base64>], ...]}}`` for the files; a missing
     one, a folder, or more than the model takes a request is a UserError. The bytes are sent as they are:
     the model decodes them (a file that is not an image gets the server's 400, naming its row)."""
-    from tuning.registry.pyfunc import IMAGE_COLUMN, MAX_IMAGES
-
     missing = [str(p) for p in photos if not p.is_file()]
     if missing:
         raise UserError(f"no such file: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
@@ -136,9 +138,40 @@ def resolve_model(uri: str, tracking_uri: str) -> tuple[str, str]:
     except Exception as exc:  # noqa: BLE001 - MlflowException: no such model, alias or version
         hint = ("promote a version with python -m tuning.promote (after python -m tuning.grid)" if alias
                 else "see the registered models in the MLflow UI")
-        raise UserError(f"cannot serve {uri} from {tracking_uri}: {first_line(exc)}; {hint}") from None
+        raise UserError(f"cannot serve {uri} from {tracking_uri}: {first_line(exc).rstrip('.')}; {hint}") from None
     served = f"models:/{mv.name}/{mv.version}"
     return served, f"{served} ({uri})" if alias else served
+
+
+def check_model(uri: str, tracking_uri: str) -> tuple[str, str]:
+    """`resolve_model` and `check_loads` in a child process: MLflow, torch and the model stay out of this
+    one, which only waits on the server (loaded here they held 700 MB for nothing). A UserError there is
+    one here, its line unchanged."""
+    code = "import sys; from tuning.serve import check_main; sys.exit(check_main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, uri, tracking_uri], capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        sys.stderr.write(done.stderr)  # its warnings, if any
+        served, name = json.loads(lines[-1])
+        return served, name
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    if errors:
+        raise UserError(errors[-1].removeprefix("error: "))
+    tail = done.stderr.strip().splitlines()
+    raise UserError(f"checking model {uri} failed (exit code {done.returncode}): {tail[-1] if tail else 'no output'}")
+
+
+def _check(argv: Sequence[str]) -> int:
+    uri, tracking_uri = argv
+    served, name = resolve_model(uri, tracking_uri)
+    check_loads(served, tracking_uri)
+    print(json.dumps([served, name]))
+    return 0
+
+
+def check_main(argv: Sequence[str]) -> int:
+    """The child of `check_model`: one line and exit code 2 for a user error, as every command."""
+    return run_cli(_check, argv)
 
 
 def check_loads(uri: str, tracking_uri: str) -> None:
@@ -151,8 +184,6 @@ def check_loads(uri: str, tracking_uri: str) -> None:
         model = mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # noqa: BLE001 - whatever loading raises, the model cannot be served
         raise UserError(f"cannot load model {uri} from {tracking_uri}: {first_line(exc)}") from None
-    from tuning.registry.pyfunc import IMAGE_COLUMN
-
     schema = model.metadata.get_input_schema()
     if schema is not None and IMAGE_COLUMN not in (schema.input_names() if schema.has_input_names() else []):
         log.warning("model %s takes no %r column: the request line below is this project's, not its", uri, IMAGE_COLUMN)
@@ -170,8 +201,6 @@ def server_env(tracking_uri: str, timeout: int) -> dict[str, str]:
     """This environment, with this interpreter's folder first on PATH (MLflow starts ``uvicorn`` by name:
     "uvicorn: not found" from a venv that is not activated), the tracking URI, and the timeout for the
     server and the model alike."""
-    from tuning.registry.pyfunc import DEADLINE_ENV
-
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), *filter(None, [env.get("PATH")])])
     env["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -245,8 +274,7 @@ def serve(args) -> int:
     tracking_uri = options.resolve_tracking_uri(args.tracking_uri)
     options.check_tracking(tracking_uri)
     check_port_free(args.host, args.port)
-    served, name = resolve_model(args.model, tracking_uri)
-    check_loads(served, tracking_uri)
+    served, name = check_model(args.model, tracking_uri)
     check_port_free(args.host, args.port)  # loading took seconds: taken meanwhile?
 
     stop: list[int] = []  # the signal that asked us to stop

@@ -237,6 +237,15 @@ def test_no_champion_and_a_busy_port_are_one_line_each(tmp_path):
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
 
 
+def test_the_command_itself_holds_no_model(served):
+    """The waiting process imports neither torch nor the model (the scoring server holds it): the names it
+    restates instead are the model's."""
+    assert (serve.IMAGE_COLUMN, serve.MAX_IMAGES, serve.DEADLINE_ENV) == \
+        (pyfunc.IMAGE_COLUMN, pyfunc.MAX_IMAGES, pyfunc.DEADLINE_ENV)
+    assert "libtorch" not in Path(f"/proc/{served.proc.pid}/maps").read_text()
+    assert psutil.Process(served.proc.pid).memory_info().rss < 200 * 2**20
+
+
 def test_sigterm_stops_the_server_and_leaves_nothing(served):
     """`kill PID` of the command: it passes the signal on to the scoring server's group, waits, exits 130."""
     assert served.server_groups and served.server_groups.isdisjoint({served.proc.pid})  # a group of its own
