@@ -402,6 +402,8 @@ class SearchOptions:
                                          f"a grid or search run id, or {LATEST_GRID}: its best configuration is the first trial",
                                          resume=(), stored=False)
     given: Mapping[str, str] = field(default_factory=dict, compare=False)  # with resume: flag -> key to check
+    # The first trials (before a --start-from one): a named space's `start_points`, flat configs inside it.
+    start_points: tuple[dict[str, Any], ...] = ()
 
     def stored(self) -> dict[str, Any]:
         """What a search run keeps for --resume (and a grid chain for its search)."""
@@ -411,7 +413,8 @@ class SearchOptions:
     @classmethod
     def from_stored(cls, d: Mapping[str, Any]) -> "SearchOptions":
         names = {f.name for f in fields(cls)}
-        return cls(**{**{k: v for k, v in d.items() if k in names}, "scheduler": SchedulerSettings(**d["scheduler"])})
+        return cls(**{**{k: v for k, v in d.items() if k in names}, "scheduler": SchedulerSettings(**d["scheduler"]),
+                      "start_points": tuple(dict(p) for p in d.get("start_points") or ())})
 
 
 def _flag_of(f) -> Flag | None:
@@ -480,6 +483,7 @@ def search_options(args: argparse.Namespace, tracking_uri: str, train_seed: int 
     values["space"] = validate_space(named.space, epochs) if named else load_space(args.space, epochs)
     grace = named.grace_period if named else DEFAULT_GRACE_PERIOD
     values["scheduler"] = scheduler_settings(args, "search_", "asha", "search-" if in_grid else "", grace)
+    values["start_points"] = named.start_points if named else ()
     values["storage_url"] = optuna_storage_url(args.optuna_storage, tracking_uri)
     values["train_seed"] = train_seed
     if values.get("resume"):

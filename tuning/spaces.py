@@ -1,6 +1,6 @@
 """The grid and the search spaces, as data, and their conversion to Ray Tune.
 
-Named spaces (`--space default`, `--space strong`) are `NAMED_SPACES`; any other `--space` is a file.
+Named spaces (`--space default`, `--space strong`, `--space laptop`) are `NAMED_SPACES`; any other `--space` is a file.
 
 A space file (YAML or JSON) maps TrainConfig fields to one of:
     {"choice": [v1, v2, ...]}   {"uniform": [low, high]}   {"loguniform": [low, high]}
@@ -63,20 +63,57 @@ STRONG_SEARCH_SPACE: dict[str, Any] = {
 }
 
 
+# benchmarks/recipe-vgg-cpu.yaml, the CPU accuracy recipe (66.17% test in 40 epochs on 2 fp32 cores,
+# docs/results.md), as the flat config it trains (a test checks it against the file).
+VGG_CPU_RECIPE: dict[str, Any] = {
+    "arch": "vgg", "width": 0.25, "depth": 2, "dropout": 0.3, "optimizer": "adamw", "lr": 0.002,
+    "weight_decay": 0.0005, "batch_size": 64, "schedule": "onecycle", "label_smoothing": 0.1,
+    "flip": True, "translate": 3, "rotate": 10.0, "scale": 0.1,
+}
+
+# `--space laptop`: the nets that train fast on 2 fp32 CPU cores (benchmarks/arch_speed.py, RESULTS.md:
+# vgg width 0.25 415 img/s, resnet width 0.25 396; cnn-bn 113, vgg 0.5 113), around the CPU recipe's
+# ingredients. Width is held at 0.25: a space cannot be conditional, and width 0.5 would bring in vgg 0.5
+# and resnet 0.5 depth 2 (113 and 180 img/s) besides resnet 0.5 depth 1 (399). Depth 1 only makes a net
+# faster. The recipe (`VGG_CPU_RECIPE`) is its first trial.
+LAPTOP_SEARCH_SPACE: dict[str, Any] = {
+    "arch": {"choice": ["vgg", "resnet"]},
+    "width": 0.25,
+    "depth": {"choice": [1, 2]},
+    "optimizer": {"choice": ["adamw", "sgd"]},
+    "lr": {"loguniform": [5e-4, 1e-2]},
+    "weight_decay": {"loguniform": [1e-5, 2e-3]},
+    "batch_size": {"choice": [64, 128]},
+    "dropout": {"uniform": [0.1, 0.5]},
+    "flip": True,
+    "translate": {"choice": [2, 3, 4]},
+    "rotate": {"uniform": [0.0, 15.0]},
+    "scale": {"uniform": [0.0, 0.2]},
+    "erase": {"uniform": [0.0, 0.3]},
+    "label_smoothing": {"uniform": [0.0, 0.15]},
+    "schedule": {"choice": ["onecycle", "cosine"]},
+    "ema": {"choice": [0.0, 0.999]},
+}
+
+
 @dataclass(frozen=True)
 class NamedSpace:
     """A search space shipped with the project (`--space NAME`), with the trial length and ASHA grace
-    period it is meant for (flags override both)."""
+    period it is meant for (flags override both), and the configurations its search tries first
+    (`start_points`: flat configs inside the space, e.g. a shipped recipe)."""
 
     space: dict[str, Any]
     epochs: int
     grace_period: int
+    start_points: tuple[dict[str, Any], ...] = ()
 
 
 NAMED_SPACES: dict[str, NamedSpace] = {
     "default": NamedSpace(DEFAULT_SEARCH_SPACE, epochs=15, grace_period=2),  # = flags.DEFAULT_SEARCH_EPOCHS
     # Augmented nets learn slowly at first: 5 epochs before ASHA may stop one, 30 in all.
     "strong": NamedSpace(STRONG_SEARCH_SPACE, epochs=30, grace_period=5),
+    # ASHA rungs 3 -> 9 -> 27 at most (a time budget may plan fewer: tuning.budget); the recipe first.
+    "laptop": NamedSpace(LAPTOP_SEARCH_SPACE, epochs=27, grace_period=3, start_points=(VGG_CPU_RECIPE,)),
 }
 
 _KINDS = ("choice", "uniform", "loguniform", "randint")
@@ -160,6 +197,23 @@ def validate_space(space: Any, epochs: int | None = None) -> dict[str, Any]:
         else:
             _check_value(key, spec, archs, epochs)
     return dict(space)
+
+
+def outside(config: Mapping[str, Any], space: Mapping[str, Any]) -> list[str]:
+    """The keys of `space` whose value in `config` (defaults filled in) the space cannot produce."""
+    full = TrainConfig.from_dict(config).to_dict()
+    keys = []
+    for key, spec in space.items():
+        value = full[key]
+        if not isinstance(spec, Mapping):
+            inside = value == spec
+        else:
+            kind, values = next(iter(spec.items()))
+            inside = (value in values if kind == "choice" else values[0] <= value < values[1] if kind == "randint"
+                      else values[0] <= value <= values[1])
+        if not inside:
+            keys.append(key)
+    return keys
 
 
 def _is_int_field(key: str) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 
 from fer_model import metrics as M
-from fer_model.config import TrainConfig
+from fer_model.config import TrainConfig, option
 from fer_model.errors import UserError, first_line
 from fer_model.evaluate import pyplot
 from tuning import names as N
@@ -38,9 +38,11 @@ class SearchPlan:
 
     options: SearchOptions  # on a resume, with the trial count it started with
     study_name: str
-    start_point: dict[str, Any] | None  # the first trial's searched values
+    start_point: dict[str, Any] | None  # the --start-from trial's searched values
     run_id: str | None = None  # the interrupted search run to reopen
     tune_path: str | None = None
+    # The first trials' searched values, in order: the named space's start points (its recipes), then `start_point`.
+    start_points: tuple[dict[str, Any], ...] = ()
 
     def tags(self) -> dict[str, str]:
         return {N.TAG_STAGE: N.STAGE_SEARCH, N.TAG_STUDY: self.study_name}
@@ -52,7 +54,7 @@ def plan(ctx: StageContext, options: SearchOptions, start_from: dict[str, Any] |
         name = options.study_name or f"{STUDY_PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}"
         check_study_is_new(options, name)
         point = starting_point(start_from, options.space) if start_from else None
-        return SearchPlan(options, name, point)
+        return SearchPlan(options, name, point, start_points=start_points(options, point))
     extra = f"tags.`{N.TAG_STUDY}` = '{options.study_name}'" if options.study_name else ""
     run = latest_stage_run(ctx.client, ctx.experiment_id, N.STAGE_SEARCH, extra, UNFINISHED)
     if run is None:
@@ -71,6 +73,16 @@ def plan(ctx: StageContext, options: SearchOptions, start_from: dict[str, Any] |
         options = dataclasses.replace(options, trials=int(was.get("trials", options.trials)),
                                       storage_url=was.get("optuna_storage", options.storage_url))
     return SearchPlan(options, run.data.tags[N.TAG_STUDY], None, run.info.run_id, tune_path)
+
+
+def start_points(options: SearchOptions, start_from: dict[str, Any] | None = None) -> tuple[dict[str, Any], ...]:
+    """A new search's first trials: its space's start points (`NamedSpace.start_points`, the shipped
+    recipes) moved inside the space (`starting_point`), then the --start-from point; each once."""
+    points: list[dict[str, Any]] = []
+    for point in [*(starting_point(p, options.space) for p in options.start_points), *([start_from] if start_from else [])]:
+        if point not in points:
+            points.append(point)
+    return tuple(points)
 
 
 def stored_inputs(ctx: StageContext, options: SearchOptions) -> dict[str, Any]:
@@ -93,7 +105,7 @@ def tune_path(ctx: StageContext, p: SearchPlan) -> str:
 def run(ctx: StageContext, parent_run_id: str, p: SearchPlan) -> StageResult:
     """Run (or resume) the search under `parent_run_id`; log its table and Optuna's plots there."""
     o = p.options
-    study = OptunaStudy(p.study_name, o.storage_url, o.sampler_seed, (p.start_point,) if p.start_point else ())
+    study = OptunaStudy(p.study_name, o.storage_url, o.sampler_seed, p.start_points)
     fixed = {**SEARCH_FIXED, "epochs": o.epochs, "seed": o.train_seed, **{k: v for k, v in o.space.items() if not isinstance(v, dict)}}
     searched = {k: v for k, v in o.space.items() if isinstance(v, dict)}
     setup = TrialSetup(ctx.tracking.uri, ctx.experiment_id, parent_run_id, ctx.cluster.cpus_per_trial)
@@ -118,14 +130,15 @@ def starting_point(config: dict[str, Any], space: dict[str, Any]) -> dict[str, A
     """A configuration (defaults filled in) on the searched keys, moved inside the space.
 
     Ray needs a value for every searched key. The grid's weight decay is 0, outside a log-uniform
-    range: it becomes the range's low end; a categorical value the space lacks becomes its first.
+    range: it becomes the range's low end; a categorical value the space lacks becomes its first. An
+    option the configuration's architecture does not take (a grid's cnn has no depth) is the option's default.
     """
     full = TrainConfig.from_dict(config).to_dict()
     point = {}
     for key, spec in space.items():
         if not isinstance(spec, dict):
             continue
-        (kind, values), value = next(iter(spec.items())), full[key]
+        (kind, values), value = next(iter(spec.items())), full[key] if key in full else option(key).default
         if kind == "choice":
             point[key] = value if value in values else values[0]
         else:
