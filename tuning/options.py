@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 from fer_model.config import DEFAULT_CACHE_MAX, TTA_MODES, DataConfig
 from fer_model.errors import ConfigError, DataError, UserError, first_line
+from tuning import budget
 from tuning.names import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
 from tuning.spaces import NAMED_SPACES, load_space, validate_space
 from tuning.tracking.uri import SQLITE, check_tracking, resolve_tracking_uri, sqlite_path
@@ -340,6 +341,7 @@ class Flag:
     help: str
     dest: str = ""  # argparse's (default: from `flag`)
     type: Callable[[str], Any] | None = None
+    metavar: str | None = None  # argparse's (default: from `type`)
     store_true: bool = False
     check: Callable[[Any], str | None] | None = None  # what is wrong with a value ("must be >= 1, got 0"), else None
     resume: tuple[str, ...] = ("search", "grid")  # where a --resume refuses a changed value
@@ -367,6 +369,14 @@ def _at_least_one(v: Any) -> str | None:
     return None if v >= 1 else f"must be >= 1, got {v}"
 
 
+def _duration(text: str) -> float:
+    """--time-budget's type: `budget.parse_duration`, its error as argparse shows a flag's."""
+    try:
+        return budget.parse_duration(text, flag="", positive=False)  # > 0: the flag's check says so
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 @dataclass(frozen=True)
 class SearchOptions:
     """A search: how many trials of how many epochs over which space, its Optuna study, its start.
@@ -378,10 +388,11 @@ class SearchOptions:
     trials: int = search_flag(DEFAULT_TRIALS, "--trials", "--search-trials", f"number of trials (default {DEFAULT_TRIALS})",
                               dest="search_trials", type=int, check=_at_least_one)
     epochs: int = search_flag(DEFAULT_SEARCH_EPOCHS, "--epochs", "--search-epochs",
-                              f"epochs per search trial (default {DEFAULT_SEARCH_EPOCHS}; --space strong: 30)",
+                              f"epochs per search trial (default {DEFAULT_SEARCH_EPOCHS}; --space strong: 30, laptop: 27)",
                               dest="search_epochs", type=int, check=_at_least_one)
     space: dict[str, Any] = search_flag({}, "--space", "--space",
                                         "default (the study's next steps), strong (architectures, augmentation, schedules), "
+                                        "laptop (the nets fast on CPUs, the CPU recipe first), "
                                         "or a YAML or JSON space file (see tuning/spaces.py; a name wins over a file of that name)")
     scheduler: SchedulerSettings = field(default_factory=lambda: SchedulerSettings("asha"))  # --scheduler & co, below
     storage_url: str = search_flag("", "--optuna-storage", "--optuna-storage",
@@ -393,8 +404,11 @@ class SearchOptions:
     resume: bool = search_flag(False, "--resume", None, "continue an interrupted search without repeating finished trials",
                                store_true=True, resume=(), stored=False)
     time_budget: float | None = search_flag(None, "--time-budget", "--time-budget",
-                                            "end the search after this many seconds; trials running then are recorded as stopped early",
-                                            type=float, check=_above(0, " seconds"))
+                                            "end the search after this long (45s, 90m, 2h; a plain number is seconds); "
+                                            "trials running then are recorded as stopped early. Without --trials, --epochs, "
+                                            "--grace-period or --reduction-factor, those not given are planned to fit it "
+                                            "(tuning/budget.py; the plan is printed first)",
+                                            type=_duration, metavar="DURATION", check=_above(0, " seconds"))
     sampler_seed: int = search_flag(0, "--search-seed", "--search-seed", "TPE sampler seed (default 0)", type=int)
     train_seed: int = 0  # the trials' --seed: tuning.search's own, the grid's in a chain
     # a grid or search run id, or LATEST_GRID: its best config is trial 1
@@ -404,15 +418,18 @@ class SearchOptions:
     given: Mapping[str, str] = field(default_factory=dict, compare=False)  # with resume: flag -> key to check
     # The first trials (before a --start-from one): a named space's `start_points`, flat configs inside it.
     start_points: tuple[dict[str, Any], ...] = ()
+    # With --time-budget: the plan that filled the flags not given (tuning.budget), else None.
+    budget_plan: budget.Plan | None = field(default=None, compare=False)
 
     def stored(self) -> dict[str, Any]:
         """What a search run keeps for --resume (and a grid chain for its search)."""
-        kept = {f.name for f in fields(self) if f.name != "given" and (_flag_of(f) is None or _flag_of(f).stored)}
+        kept = {f.name for f in fields(self) if f.name not in ("given", "budget_plan")
+                and (_flag_of(f) is None or _flag_of(f).stored)}
         return {k: v for k, v in asdict(self).items() if k in kept}
 
     @classmethod
     def from_stored(cls, d: Mapping[str, Any]) -> "SearchOptions":
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} - {"budget_plan"}
         return cls(**{**{k: v for k, v in d.items() if k in names}, "scheduler": SchedulerSettings(**d["scheduler"]),
                       "start_points": tuple(dict(p) for p in d.get("start_points") or ())})
 
@@ -443,7 +460,7 @@ def add_search_flags(p: argparse.ArgumentParser, in_grid: bool = False) -> None:
         if flag.store_true:
             g.add_argument(names, dest=flag.argparse_dest(), action="store_true", default=None, help=helptext)
         else:
-            g.add_argument(names, dest=flag.argparse_dest(), type=flag.type, help=helptext)
+            g.add_argument(names, dest=flag.argparse_dest(), type=flag.type, metavar=flag.metavar, help=helptext)
         if name == "epochs":  # the scheduler's flags, after the epochs they stop
             add_scheduler_flags(g, "search-" if in_grid else "", "search_", "asha", "search")
 
@@ -466,9 +483,13 @@ SEARCH_RESUME_KEYS = {**search_resume_keys(in_grid=False), "seed": ("--seed", "t
 CHAIN_DESTS = tuple(dest for dest in search_resume_keys(in_grid=True) if dest != "search_trials")
 
 
-def search_options(args: argparse.Namespace, tracking_uri: str, train_seed: int = 0, in_grid: bool = False) -> SearchOptions:
+def search_options(args: argparse.Namespace, tracking_uri: str, train_seed: int = 0, in_grid: bool = False,
+                   epoch_seconds: Callable[[Mapping[str, Any], Mapping[str, int]], Mapping[str, float]] | None = None
+                   ) -> SearchOptions:
     """Validate the search flags (the space file included) before anything starts; `in_grid`: the flags
-    of the search after tuning.grid's grid (their --search- names)."""
+    of the search after tuning.grid's grid (their --search- names). With --time-budget (not resumed, not
+    in a grid's chain) the trials, epochs and ASHA settings not given are planned (`budget_values`;
+    `epoch_seconds` replaces its speed table)."""
     values: dict[str, Any] = {}
     for name, flag in search_flags():
         value = getattr(args, flag.argparse_dest(), None)
@@ -484,11 +505,48 @@ def search_options(args: argparse.Namespace, tracking_uri: str, train_seed: int 
     grace = named.grace_period if named else DEFAULT_GRACE_PERIOD
     values["scheduler"] = scheduler_settings(args, "search_", "asha", "search-" if in_grid else "", grace)
     values["start_points"] = named.start_points if named else ()
+    if values.get("time_budget") and not values.get("resume") and not in_grid:
+        values.update(budget_values(args, values, named, epoch_seconds))
     values["storage_url"] = optuna_storage_url(args.optuna_storage, tracking_uri)
     values["train_seed"] = train_seed
     if values.get("resume"):
         values["given"] = given_flags(args, SEARCH_RESUME_KEYS)
     return SearchOptions(**values)
+
+
+def budget_values(args: argparse.Namespace, values: Mapping[str, Any], named, epoch_seconds=None) -> dict[str, Any]:
+    """--time-budget without --trials, --epochs, --grace-period or --reduction-factor: those not given, from
+    `budget.plan` (the space's epochs the longest trial at most, its grace period the least), which is printed.
+    `epoch_seconds(space, sizes)`: seconds an epoch of each net (default: `budget.EPOCH_SPEED`, else timed)."""
+    arg = lambda name: getattr(args, name, None)
+    fixed = {"trials": arg("search_trials"), "epochs": arg("search_epochs"),
+             "grace_period": arg("search_grace_period"), "reduction_factor": arg("search_reduction_factor")}
+    scheduler: SchedulerSettings = values["scheduler"]
+    if scheduler.kind != "asha":  # no rungs: only the trials and their epochs to plan
+        fixed = {k: v for k, v in fixed.items() if k in ("trials", "epochs")}
+    if all(v is not None for v in fixed.values()):
+        return {}
+    sizes = budget.data_sizes(arg("max_samples"), _or(arg("val_fraction"), 0.1))
+    threads = _or(arg("cpus_per_trial"), 1.0)
+    # A local Ray's CPUs (a cluster joined with --address may have more: --max-concurrent says how many at once).
+    concurrent = arg("max_concurrent") or max(int((os.cpu_count() or 1) // threads), 1)
+    final_epochs = arg("final_epochs") or max(1, round(FINAL_EPOCHS_RATIO * values["epochs"]))  # as final_options
+    plan = budget.plan_for_search(
+        values["time_budget"], values["space"], sizes, concurrent, threads, final_epochs,
+        max_epochs=named.epochs if named else DEFAULT_SEARCH_EPOCHS,
+        min_grace=named.grace_period if named else DEFAULT_GRACE_PERIOD, measure=epoch_seconds,
+        asha=scheduler.kind == "asha", flag="--time-budget", **{k: v for k, v in fixed.items() if v is not None})
+    # Printed here, before Ray starts (the stage's own plan line follows, with these values).
+    print(f"time budget {budget.duration_text(values['time_budget'])}: {plan.line()}", flush=True)
+    try:  # values bounded by the epochs (warmup) must suit the planned trials
+        validate_space(values["space"], plan.max_epochs)
+    except ConfigError as exc:
+        raise ConfigError(f"--time-budget planned {plan.max_epochs}-epoch trials, too short for this space: {exc}; "
+                          "give --epochs") from None
+    out: dict[str, Any] = {"trials": plan.trials, "epochs": plan.max_epochs, "budget_plan": plan}
+    if scheduler.kind == "asha":
+        out["scheduler"] = SchedulerSettings("asha", plan.grace_period, plan.reduction_factor)
+    return out
 
 
 def search_epochs(args: argparse.Namespace) -> int:

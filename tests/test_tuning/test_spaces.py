@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 
 from fer_model.config import TrainConfig
 from fer_model.errors import ConfigError
-from tuning.spaces import (DEFAULT_SEARCH_SPACE, GRID_FIXED, NAMED_SPACES, STRONG_SEARCH_SPACE, STUDY_GRID,
-                           STUDY_GRID_TEST_ACC, load_space, validate_space)
+from tuning.spaces import (DEFAULT_SEARCH_SPACE, GRID_FIXED, LAPTOP_SEARCH_SPACE, NAMED_SPACES, STRONG_SEARCH_SPACE,
+                           STUDY_GRID, STUDY_GRID_TEST_ACC, VGG_CPU_RECIPE, load_space, outside, validate_space)
 
 
 def test_the_study_grid_is_three_dropouts_by_three_learning_rates_with_the_studys_results():
@@ -125,3 +126,68 @@ def test_a_bad_space_file_is_one_config_error_naming_the_file_and_the_key(tmp_pa
 def test_a_missing_space_file_is_one_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"^cannot read space file '.*nowhere\.yaml': No such file or directory$"):
         load_space(tmp_path / "nowhere.yaml")
+
+
+# --------------------------------------------------------------------------- --space laptop
+
+RECIPE_FILE = Path(__file__).resolve().parents[2] / "benchmarks" / "recipe-vgg-cpu.yaml"
+
+
+def test_the_laptop_space_is_the_fast_cpu_nets_with_the_cpu_recipe_first():
+    from tuning.budget import EPOCH_SPEED, space_nets, table_speed
+
+    laptop = NAMED_SPACES["laptop"]
+    assert laptop.space is LAPTOP_SEARCH_SPACE and laptop.start_points == (VGG_CPU_RECIPE,)
+    assert (laptop.epochs, laptop.grace_period) == (27, 3)  # ASHA 3 -> 9 -> 27
+    assert LAPTOP_SEARCH_SPACE["ema"] == {"choice": [0.0, 0.999]}
+    # Every net it can produce trains at ~400 img/s on 2 fp32 cores (a shallower one at least as fast).
+    nets = space_nets(LAPTOP_SEARCH_SPACE)
+    assert set(nets) == {"vgg:width=0.25,depth=1", "vgg:width=0.25,depth=2", "resnet:width=0.25,depth=1",
+                         "resnet:width=0.25,depth=2"}
+    assert all(table_speed(n) >= 390 for n in nets) and EPOCH_SPEED["cnn-bn:width=1"] < 120
+
+
+def test_the_recipe_start_point_is_the_shipped_yaml():
+    """recipe-vgg-cpu.yaml's fixed values and one-value choices, as the flat config it trains."""
+    recipe = {k: v["choice"][0] if isinstance(v, dict) else v for k, v in load_space(RECIPE_FILE).items()}
+    assert all(len(v["choice"]) == 1 for v in load_space(RECIPE_FILE).values() if isinstance(v, dict))
+    assert recipe == VGG_CPU_RECIPE
+    TrainConfig.from_dict(VGG_CPU_RECIPE)
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_SPACES))
+def test_each_start_point_lies_inside_its_space(name):
+    named = NAMED_SPACES[name]
+    for point in named.start_points:
+        assert outside(point, named.space) == [], point
+        assert set(point) - set(named.space) <= {"epochs"}  # it is the space's: nothing it could not search or fix
+
+
+def test_outside_names_the_keys_a_space_cannot_produce():
+    space = {"lr": {"loguniform": [1e-4, 1e-2]}, "batch_size": {"choice": [32, 64]}, "seed": {"randint": [0, 3]},
+             "flip": True}
+    assert outside({"lr": 1e-3, "batch_size": 64, "seed": 2, "flip": True}, space) == []
+    assert outside({"lr": 1e-1, "batch_size": 16, "seed": 3}, space) == ["lr", "batch_size", "seed", "flip"]
+
+
+def test_the_planned_search_starts_with_the_recipe_then_the_start_from_point(tmp_path):
+    """Unit, no Ray session: tuning.stages.search.plan's start points, which become OptunaStudy.start_points."""
+    from tuning.options import SearchOptions
+    from tuning.stages.search import plan, starting_point
+
+    laptop = NAMED_SPACES["laptop"]
+    options = SearchOptions(space=dict(laptop.space), start_points=laptop.start_points,
+                            storage_url=f"sqlite:///{tmp_path / 'optuna.db'}")
+    first = plan(None, options, None).start_points
+    recipe = starting_point(VGG_CPU_RECIPE, laptop.space)
+    assert first == (recipe,)
+    assert recipe == {k: VGG_CPU_RECIPE.get(k, TrainConfig().to_dict().get(k)) for k, v in laptop.space.items()
+                      if isinstance(v, dict)}  # the recipe exactly: already inside the space
+    assert recipe["arch"] == "vgg" and recipe["ema"] == 0.0 and recipe["erase"] == 0.0
+    grid_best = {"arch": "cnn", "dropout": 0.3, "lr": 1e-3, "batch_size": 32, "optimizer": "adam"}
+    p = plan(None, options, grid_best)
+    assert p.start_points == (recipe, starting_point(grid_best, laptop.space)) and p.start_point == p.start_points[1]
+    # Another space has no recipe: the --start-from point alone, as before.
+    plain = SearchOptions(space=dict(NAMED_SPACES["default"].space), storage_url=options.storage_url)
+    assert plan(None, plain, None).start_points == ()
+    assert plan(None, plain, grid_best).start_points == (starting_point(grid_best, plain.space),)
