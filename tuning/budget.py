@@ -139,16 +139,25 @@ def measure_epoch_seconds(space: Mapping[str, Any], data_sizes: Mapping[str, int
     validation pass over as many images. Seconds of this machine, `threads` torch threads."""
     import torch
 
-    from fer_model.augment import augmenting  # noqa: F401 - the trainer's own imports, loaded before timing
-    from fer_model.data import Split
     from fer_model.device import resolve_device
+
+    was_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return _measure(space, data_sizes, steps, batch_size, resolve_device(device))
+    finally:
+        torch.set_num_threads(was_threads)  # this process's own setting, as it was
+
+
+def _measure(space: Mapping[str, Any], data_sizes: Mapping[str, int], steps: int, batch_size: int, dev) -> dict[str, float]:
+    import torch
+
+    from fer_model.data import Split
     from fer_model.inputs import predict_outputs
     from fer_model.model import build_model
     from fer_model.training import make_optimizer, train_one_epoch
 
-    if threads:
-        torch.set_num_threads(int(threads))
-    dev = resolve_device(device)
     n = batch_size * (steps + 1)
     images = torch.randint(0, 256, (n, 1, 48, 48), dtype=torch.uint8)
     split = Split(images, torch.randint(0, 7, (n,)), torch.zeros(n, dtype=torch.int8)).to(dev)

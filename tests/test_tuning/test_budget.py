@@ -153,3 +153,18 @@ def test_the_default_speeds_are_the_table_scaled_to_the_data(tmp_path, capsys):
     # 2800 images, 10% validation: 2520 training images at the slowest net's speed (resnet 0.25, 395.5 img/s on 2 threads), here on 1.
     assert o.budget_plan.seconds_per_epoch == pytest.approx(2520 / 395.5 * EPOCH_OVERHEAD * 2)
     assert math.isclose(o.budget_plan.budget_s, 7200) and o.budget_plan.search_seconds <= 7200
+
+
+def test_measure_epoch_seconds_times_each_net_of_the_space_with_the_trainer():
+    from tuning.budget import measure_epoch_seconds
+
+    space = {"arch": "resnet", "width": 0.25, "depth": {"choice": [1, 2]}}
+    seconds = measure_epoch_seconds(space, {"train": 6400, "val": 640}, steps=1, batch_size=8, device="cpu")
+    assert set(seconds) == {"resnet:width=0.25,depth=1", "resnet:width=0.25,depth=2"}
+    assert all(0 < s < 3600 and math.isfinite(s) for s in seconds.values())
+
+
+def test_a_resumed_search_keeps_what_it_started_with_and_plans_nothing(tmp_path, capsys):
+    o = _options(tmp_path, ["--resume", "--time-budget", "1h"], epoch_seconds=lambda space, sizes: {"cnn": 60.0})
+    assert o.resume and o.time_budget == 3600 and o.budget_plan is None and o.trials == options.DEFAULT_TRIALS
+    assert "time budget" not in capsys.readouterr().out
