@@ -69,8 +69,10 @@ def test_the_slowest_net_is_planned_with_and_given_values_are_kept():
     assert p.seconds_per_epoch == 60.0 and p.trials == 16 and p.final_seconds == 0
     fixed = plan(3600, 60.0, 2, 0, max_epochs=27, min_grace=3, epochs=12, grace_period=4, reduction_factor=3)
     assert (fixed.max_epochs, fixed.grace_period, fixed.stops()) == (12, 4, [4, 12])
-    assert fixed.trial_epochs * 60 / 2 <= 3600 < plan(3600, 60.0, 2, 0, max_epochs=27, min_grace=3, epochs=12,
-                                                      grace_period=4, trials=fixed.trials).search_seconds + 1
+    # 4 -> 12: N x 4 + ceil(N / 3) x 8 trial-epochs; 21 trials -> 84 + 56 = 140 > 120, 20 -> 80 + 56 = 136 > 120,
+    # 18 -> 72 + 48 = 120: the most that fit.
+    assert fixed.trials == 18 and fixed.trial_epochs == 120 and fixed.trial_epochs * 60 / 2 <= 3600
+    assert Plan(19, 4, 3.0, 12, 2, 60.0, 3600).search_seconds > 3600
     no_asha = plan(3600, 60.0, 2, 0, max_epochs=30, asha=False)
     assert (no_asha.trials, no_asha.max_epochs, no_asha.stops()) == (4, 30, [30])  # 4 x 30 = 120 trial-epochs
 
