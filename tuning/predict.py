@@ -169,7 +169,7 @@ def render(rows: list[dict], fmt: str, top_k: int) -> str:
 
 def annotate(folder: Path, names: list[str], blobs: list[bytes], frame) -> list[Path]:
     """Each input image as a PNG in `folder` with its faces' boxes and emotions drawn (red: no face found)."""
-    from PIL import Image, ImageDraw, ImageOps
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
 
     from tuning.registry.pyfunc import BOX_COLUMNS, EMOTION, FACE_FOUND, PROB_COLUMNS, ROW
 
@@ -185,16 +185,24 @@ def annotate(folder: Path, names: list[str], blobs: list[bytes], frame) -> list[
         if scale > 1:
             image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
         draw, line = ImageDraw.Draw(image), max(2, max(image.size) // 200)
+        font = ImageFont.load_default(size=max(12, max(image.size) // 28))
+
+        def label(x: int, y: int, text: str, colour: tuple[int, int, int]) -> None:
+            """`text` on a filled box of `colour`, above (x, y) where there is room, else below it."""
+            left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+            y = y - (bottom - top) - 2 * line if y - (bottom - top) - 2 * line >= 0 else y + line
+            draw.rectangle([x, y, x + right - left + 2 * line, y + bottom - top + 2 * line], fill=colour)
+            draw.text((x + line - left, y + line - top), text, fill=(0, 0, 0), font=font)
+
         for _, f in faces.iterrows():
             if not f[FACE_FOUND]:
-                draw.text((4, 4), "no face found", fill=(255, 40, 40))
+                label(0, 0, "no face found", (255, 90, 90))
                 continue
             x, y, w, h = (int(f[k]) * scale for k in BOX_COLUMNS)
             if (w, h) == (48 * scale, 48 * scale) and image.size != (w, h):  # a whole-image row: the image's own box
                 x, y, w, h = 0, 0, image.width, image.height
-            draw.rectangle([x, y, x + w - 1, y + h - 1], outline=(40, 220, 40), width=line)
-            p = max(float(f[c]) for c in PROB_COLUMNS)
-            draw.text((x + line, max(0, y - 12)), f"{f[EMOTION]} {p:.2f}", fill=(40, 220, 40))
+            draw.rectangle([x, y, x + w - 1, y + h - 1], outline=(60, 230, 60), width=line)
+            label(x, y, f"{f[EMOTION]} {max(float(f[c]) for c in PROB_COLUMNS):.2f}", (60, 230, 60))
         out = folder / f"{i:04d}-{Path(name).stem[:60]}.png"
         image.save(out)
         written.append(out)
