@@ -26,6 +26,8 @@ FLAG_HELP = {
     "rotate": "random rotation by up to +-N degrees (on the device, per batch)",
     "scale": "random zoom by a factor in [1-F, 1+F]",
     "erase": "probability of zeroing one random rectangle per image",
+    "ema": "decay of an exponential moving average of the weights, validated beside them each epoch; the better "
+           "of the two is kept (0 = off)",
     "width": "channel width multiplier (cnn-bn, vgg, resnet)",
     "depth": "layers per stage (vgg) or basic blocks per stage (resnet)",
     "seed": "model init, shuffling and dropout seed",
