@@ -37,7 +37,7 @@ MAX_FACES = 32  # per image, the highest-scoring: bounds one image's cost (a cro
 @dataclass(frozen=True)
 class Face:
     """A face in a photo: its box in the photo's pixels (x, y: top-left) and the detector's score
-    (NaN for a whole-image 48x48 crop, which was not detected)."""
+    (NaN for a whole-image 48x48 crop, which was not detected; the served model says -1)."""
 
     x: int
     y: int

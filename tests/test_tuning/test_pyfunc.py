@@ -76,8 +76,9 @@ def test_a_row_per_face_with_its_input_row_and_box_and_a_no_face_row_never_a_gue
     face, none, crop = (frame.iloc[i] for i in range(3))
     assert abs(face["x"] - 88) < 8 and abs(face["y"] - 41) < 8 and face[pyfunc.FACE_SCORE] > 0
     assert face[pyfunc.PROB_COLUMNS].sum() == pytest.approx(1.0, abs=1e-6) and 0 <= face[pyfunc.LABEL] < 7
-    assert none[pyfunc.EMOTION] == pyfunc.NO_FACE and none[pyfunc.LABEL] == -1 and none[pyfunc.PROB_COLUMNS].isna().all()
-    assert (crop["x"], crop["y"], crop["w"], crop["h"]) == (0, 0, 48, 48) and np.isnan(crop[pyfunc.FACE_SCORE])
+    assert none[pyfunc.EMOTION] == pyfunc.NO_FACE and none[pyfunc.LABEL] == -1 and (none[pyfunc.PROB_COLUMNS] == 0).all()
+    assert (crop["x"], crop["y"], crop["w"], crop["h"]) == (0, 0, 48, 48) and crop[pyfunc.FACE_SCORE] == pyfunc.NOT_DETECTED
+    assert not frame.isna().any().any()  # a served answer must be valid JSON: no NaN
     # The 48x48 path is the network on the image itself, as before faces were looked for.
     alone = saved_model.predict(pd.DataFrame({pyfunc.IMAGE_COLUMN: _photos()[2:]}))
     np.testing.assert_array_equal(alone[pyfunc.PROB_COLUMNS].to_numpy()[0], crop[pyfunc.PROB_COLUMNS].to_numpy(dtype=float))
@@ -93,6 +94,11 @@ def test_base64_strings_are_images_too_and_a_bad_one_is_named(saved_model):
     as_text = saved_model.predict(pd.DataFrame({pyfunc.IMAGE_COLUMN: [base64.b64encode(p).decode() for p in photos]}))
     as_bytes = saved_model.predict(pd.DataFrame({pyfunc.IMAGE_COLUMN: photos}))
     pd.testing.assert_frame_equal(as_text, as_bytes)
+    # base64 text handed over as bytes (MLflow does so for an inputs/instances body) is decoded too; raw grey levels are not
+    as_b64_bytes = saved_model.predict(pd.DataFrame({pyfunc.IMAGE_COLUMN: [base64.b64encode(p) for p in photos]}))
+    pd.testing.assert_frame_equal(as_b64_bytes, as_bytes)
+    raw = np.full((48, 48), ord("A"), np.uint8).tobytes()  # 2,304 bytes that are also valid base64 text
+    assert pyfunc.values_from_frame(pd.DataFrame({pyfunc.IMAGE_COLUMN: [raw]})) == [raw]
     with pytest.raises(MlflowException, match="row 1: a string must be a base64-encoded image") as exc:
         pyfunc.values_from_frame(pd.DataFrame({pyfunc.IMAGE_COLUMN: [base64.b64encode(photos[0]).decode(), "no!"]}))
     assert exc.value.get_http_status_code() == 400

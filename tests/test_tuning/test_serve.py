@@ -182,14 +182,26 @@ def test_the_printed_lines_work_as_printed(served, tmp_path):
     check_predictions(answer, 2)
 
 
-@pytest.mark.xfail(strict=False, reason="MLflow hands the pyfunc an `inputs`/`instances` body's base64 strings as bytes "
-                   "(numpy dtype S, for the signature's binary column), still base64: the pyfunc decodes only str values")
 def test_inputs_and_instances_bodies_are_answered(served, tmp_path):
+    """MLflow hands the model these bodies' base64 strings as bytes, still base64: the model decodes them."""
     encoded = base64.b64encode(png(tmp_path / "a.png").read_bytes()).decode()
     for body in ({"inputs": {"image": [encoded, encoded]}}, {"instances": [{"image": encoded}, {"image": encoded}]}):
         status, answer = post(served.url, json.dumps(body).encode())
         assert status == 200, (body.keys(), answer)
         check_predictions(answer, 2)
+
+
+def test_a_photo_gives_its_face_and_a_photo_without_one_says_so(served, tmp_path):
+    data = Path(__file__).resolve().parents[1] / "data"
+    done = run_command("request", data / "astronaut-256.jpg", data / "coffee-300.jpg", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    status, answer = post(served.url, done.stdout.encode())
+    assert status == 200, answer
+    face, none = answer["predictions"]
+    assert (face["row"], face["face_found"], none["row"], none["face_found"]) == (0, True, 1, False)
+    # the face's box overlaps the astronaut's face, at about (88, 41, 45, 44)
+    assert abs(face["x"] - 88) < 10 and abs(face["y"] - 41) < 10 and 30 < face["w"] < 60
+    assert none["emotion"] == "no face" and none["label"] == -1
 
 
 def test_a_non_image_is_a_400_and_the_server_lives_on(served, tmp_path):

@@ -12,10 +12,12 @@ beyond either, or for a value that is not an image, the request is refused as IN
 (a 400 when served), naming the row or the limit. Work stops once `DEADLINE_ENV` seconds have passed
 (`tuning.serve` sets it to the server's request timeout): a 504 the model's own, not work left running.
 Output: one row per face: ``row`` (the input row it came from), ``face_found``, its box ``x``, ``y``,
-``w``, ``h`` in the input's pixels and the detector's ``face_score`` (NaN for a 48x48 crop), then
+``w``, ``h`` in the input's pixels and the detector's ``face_score`` (-1: not detected, a 48x48 crop), then
 ``label`` (0-6), ``emotion`` and ``p_<class>`` for each class, summing to 1 whether a member network
 outputs logits (Model 2) or probabilities (Model 1). An input with no face gives one row with
-``face_found`` false, ``emotion`` "no face", ``label`` -1 and no probabilities (NaN): never a guess.
+``face_found`` false, ``emotion`` "no face", ``label`` -1 and probabilities 0: never a guess. (No NaN
+anywhere: a served answer is JSON that every parser reads.) Images go through the network `SERVE_BATCH` at a
+time, which bounds a request's memory.
 
 One class holds one or more member networks (their probabilities averaged), so an ensemble registers
 the same way. A model saved with a test-time augmentation (``tta``: flip, tencrop; in its MLmodel's
@@ -29,6 +31,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import os
 import time
 from importlib.metadata import version as _version
@@ -57,6 +60,10 @@ BOX_COLUMNS = ["x", "y", "w", "h"]
 NO_FACE = "no face"  # the emotion of an input in which no face was found
 WHOLE_IMAGE_PARAM = "whole_image"  # predict param: resize each image whole, look for no face
 DEADLINE_ENV = "FER_PREDICT_DEADLINE_S"  # seconds a predict call may work (unset: no limit)
+NOT_DETECTED = -1.0  # the face_score of a face no detector found (a 48x48 crop, a whole image): dlib's are >= 0
+# Images through the network at a time: a served request of 512 images at 16 clients peaked at 4.6 GB with
+# batches of 1,024 (fer_model.inputs.EVAL_BATCH); in process, batches of 64 and 512 ran at similar speeds.
+SERVE_BATCH = 64
 PROB_COLUMNS = [f"p_{name}" for name in CLASS_NAMES]
 MEMBER_PREFIX = "member_"
 # Images a request may hold: bounds one request's decoding time (each image is decoded in turn, so
@@ -91,7 +98,19 @@ def values_from_frame(frame: Any) -> list[Any]:
     return [_decoded(i, v) for i, v in enumerate(frame[IMAGE_COLUMN])]
 
 
+# How encoded images begin (PNG, JPEG, GIF, BMP, TIFF both byte orders, WebP's RIFF): base64 text decoded to
+# one of these is an image an ``inputs``/``instances`` body sent as text (MLflow hands it over as bytes).
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+
+
 def _decoded(row: int, value: Any) -> Any:
+    """A value as an image: base64 text (a str, or bytes that are base64 of an image) decoded; else as it is."""
+    if isinstance(value, (bytes, bytearray)) and not bytes(value[:4]).startswith(_IMAGE_MAGIC):
+        try:
+            decoded = base64.b64decode(bytes(value), validate=True)
+        except (binascii.Error, ValueError):
+            return value
+        return decoded if decoded.startswith(_IMAGE_MAGIC) else value
     if not isinstance(value, str):
         return value
     try:
@@ -113,7 +132,7 @@ def images_from_frame(frame: Any):
 def member_probabilities(members: Sequence, images, tta: str = "none") -> np.ndarray:
     """The members' mean class probabilities (N, 7) for uint8 images, each with test-time augmentation `tta`
     (averaged as the final stage evaluated the ensemble: `fer_model.ensemble.average`)."""
-    return average([predict_proba(model, images, spec.outputs_probabilities, tta=tta, device="cpu")
+    return average([predict_proba(model, images, spec.outputs_probabilities, tta=tta, device="cpu", batch_size=SERVE_BATCH)
                     for model, spec in members]).numpy()
 
 
@@ -153,12 +172,12 @@ def predict_faces(members: Sequence, values: Sequence[Any], tta: str = "none", w
     frame.insert(1, FACE_FOUND, True)
     for j, key in enumerate(BOX_COLUMNS):
         frame.insert(2 + j, key, np.asarray([getattr(b, key) for b in boxes], dtype=np.int64))
-    frame.insert(6, FACE_SCORE, np.asarray([b.score for b in boxes], dtype=np.float64))
+    frame.insert(6, FACE_SCORE, np.asarray([NOT_DETECTED if math.isnan(b.score) else b.score for b in boxes], dtype=np.float64))
     missing = [i for i, f in enumerate(faces) if not f.faces]
     if missing:
         none = pd.DataFrame({ROW: np.asarray(missing, dtype=np.int64), FACE_FOUND: False,
-                             **{k: np.int64(-1) for k in BOX_COLUMNS}, FACE_SCORE: np.nan, LABEL: np.int64(-1),
-                             EMOTION: NO_FACE, **{c: np.nan for c in PROB_COLUMNS}})
+                             **{k: np.int64(-1) for k in BOX_COLUMNS}, FACE_SCORE: NOT_DETECTED, LABEL: np.int64(-1),
+                             EMOTION: NO_FACE, **{c: 0.0 for c in PROB_COLUMNS}})
         frame = pd.concat([frame, none], ignore_index=True).sort_values(ROW, kind="stable", ignore_index=True)
     return frame
 
