@@ -272,6 +272,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if labels is not None:
             row["label"] = CLASS_NAMES[int(labels[i])]
         rows.append(row)
+    text = render(rows, args.format, args.top_k)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"{len(rows)} predictions written to {args.out}")
+    else:
+        print(text)
+    sys.stdout.flush()  # the table first, then what is said about it (on stderr: csv and json stay parseable)
     without = sum(r["face"] is None for r in rows)
     if without:
         print(f"{without} of {len(blobs)} image(s): no face found (a row each, emotion 'no face'; --whole-image "
@@ -279,12 +286,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.annotate:
         written = annotate(Path(args.annotate), names, blobs, frame)
         print(f"{len(written)} annotated image(s) written to {args.annotate}", file=sys.stderr)
-    text = render(rows, args.format, args.top_k)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-        print(f"{len(rows)} predictions written to {args.out}")
-    else:
-        print(text)
     if labels is not None:
         from fer_model.evaluate import describe_test, evaluate_probabilities
 
