@@ -103,7 +103,12 @@ def test_grid_end_to_end_on_sqlite(ray_session, workdir, tiny_folder, capsys):
     model = mlflow.pyfunc.load_model(f"models:/{N.DEFAULT_MODEL_NAME}@champion")
     png = next((tiny_folder / "test").rglob("*.png")).read_bytes()
     predicted = model.predict(pd.DataFrame({"image": [png, png]}))
-    assert predicted["emotion"].tolist()[0] in CLASS_NAMES and predicted.shape == (2, 9)
+    # a row per face: these 48x48 crops are one each, in input order, with the face columns before the emotion's
+    from tuning.registry import pyfunc
+
+    assert predicted["emotion"].tolist()[0] in CLASS_NAMES and predicted[pyfunc.ROW].tolist() == [0, 1]
+    assert list(predicted.columns) == [pyfunc.ROW, pyfunc.FACE_FOUND, *pyfunc.BOX_COLUMNS, pyfunc.FACE_SCORE,
+                                       pyfunc.LABEL, pyfunc.EMOTION, *pyfunc.PROB_COLUMNS]
 
     # `tuning.final` on the finished grid adds a new final run and version; earlier runs stay as they were.
     # With --ensemble 2 it reads the grid's trial runs back (their params, validation accuracy and outcome).
