@@ -200,6 +200,7 @@ def _state(folder, processes, address="127.0.0.1:1", uri="http://127.0.0.1:1"):
     return state
 
 
+@pytest.mark.e2e  # a real process or the real data, seconds each: not in the -m 'not e2e' minute
 def test_down_returns_once_every_process_of_its_groups_is_gone(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(local, "STOP_TIMEOUT", 3.0)
     leader = subprocess.Popen([sys.executable, "-c", FAKE_GROUP], stdout=subprocess.PIPE, text=True, start_new_session=True)

@@ -75,6 +75,7 @@ def test_bad_data_config():
 
 
 @requires_shared(SHARED_TARBALL)
+@pytest.mark.e2e  # a real process or the real data, seconds each: not in the -m 'not e2e' minute
 def test_real_tarball_split_sizes_class_counts_and_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     raw, _ = C.read_cached(SHARED_TARBALL, cache, progress=False)

@@ -167,6 +167,7 @@ def test_bad_flags_give_one_line_and_exit_2(workdir, capsys, argv, message):
     assert len(err.splitlines()) == 1 and message in err
 
 
+@pytest.mark.e2e  # a real process or the real data, seconds each: not in the -m 'not e2e' minute
 def test_cli_bad_flag_as_a_process(workdir):
     proc = subprocess.run([sys.executable, "-m", "tuning.grid", "--dropouts", "abc"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

@@ -39,6 +39,7 @@ np.save(sys.argv[3], frame[pyfunc.PROB_COLUMNS].to_numpy())
 """
 
 
+@pytest.mark.e2e  # a real process or the real data, seconds each: not in the -m 'not e2e' minute
 def test_a_model_saved_before_the_split_loads_and_predicts_as_it_did(tmp_path):
     model = shutil.copytree(DATA / "model-2026-12-01", tmp_path / "model")
     out = tmp_path / "probs.npy"

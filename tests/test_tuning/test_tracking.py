@@ -41,6 +41,7 @@ client.set_terminated(run_id, "FINISHED")
 """
 
 
+@pytest.mark.e2e  # a real process or the real data, seconds each: not in the -m 'not e2e' minute
 def test_two_commands_on_a_new_sqlite_store_both_start(tmp_path):
     """Without the lock beside the db, the slower of two processes creating the tables died in an
     alembic migration (seen in every one of 4 tries here); each pair gets a fresh file."""
