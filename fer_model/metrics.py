@@ -9,6 +9,9 @@ TRAIN_LOSS = "train_loss"
 TRAIN_ACC = "train_acc"
 VAL_LOSS = "val_loss"
 VAL_ACC = "val_acc"
+# With `TrainConfig.ema`: the averaged weights' validation metrics, beside the raw weights' in each epoch's row.
+VAL_LOSS_EMA, VAL_ACC_EMA = "val_loss_ema", "val_acc_ema"
+WEIGHTS_AVERAGED = "weights_averaged"  # a final run's: 1 when its registered weights are the moving average
 EPOCH_SECONDS = "epoch_seconds"
 IMAGES_PER_SECOND = "images_per_second"
 LR = "lr"

@@ -40,8 +40,7 @@ STEP_EPOCHS, STEP_GAMMA = 7, 0.1
 # in a 15-epoch run, where a longer one would act once at most, and halving (rather than x0.1) costs
 # little when a single noisy validation epoch triggers it.
 PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 2
-# With `TrainConfig.ema`: the averaged weights' validation metrics, beside the raw weights' in each epoch's row.
-VAL_LOSS_EMA, VAL_ACC_EMA = "val_loss_ema", "val_acc_ema"
+VAL_LOSS_EMA, VAL_ACC_EMA = M.VAL_LOSS_EMA, M.VAL_ACC_EMA  # named in fer_model.metrics, with every metric
 
 
 class FitStatus(str, Enum):

@@ -163,8 +163,10 @@ class FinalResult:
         validation accuracy 61.20%)``."""
         if not self.model_epoch:
             return "no epoch finished"
-        val_acc = self.history[self.model_epoch - 1][M.VAL_ACC]
-        return (f"weights of epoch {self.model_epoch} of {len(self.history)} "
+        averaged = bool(self.members) and self.members[0].fitted.averaged
+        row = self.history[self.model_epoch - 1]
+        val_acc = row.get(M.VAL_ACC_EMA, row[M.VAL_ACC]) if averaged else row[M.VAL_ACC]
+        return (f"{'averaged ' if averaged else ''}weights of epoch {self.model_epoch} of {len(self.history)} "
                 f"(best validation accuracy {100 * val_acc:.2f}%)")
 
     def tta_line(self) -> str:
@@ -211,7 +213,9 @@ def run(ctx: StageContext, run_id: str, inputs: FinalInputs) -> FinalResult:
     ev = _evaluate_average(ctx, [m.test_probs for m in members])
     tta_ev = _evaluate_average(ctx, [m.test_probs_tta for m in members]) if inputs.tta != "none" else None
     metrics.update({**ev.metrics, **M.summary(result.history), "train_seconds": train_seconds,
-                    M.BEST_EPOCH: result.model_epoch})
+                    M.BEST_EPOCH: result.model_epoch,
+                    # 1: the registered weights are that epoch's moving average (--ema), 0: its raw weights
+                    M.WEIGHTS_AVERAGED: float(result.averaged)})
     if tta_ev is not None:
         metrics.update(M.with_tta(tta_ev.metrics))
     log_metrics(ctx.client, run_id, metrics)
