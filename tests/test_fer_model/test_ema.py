@@ -4,12 +4,10 @@ run equals an uninterrupted one), and `fit(keep_best=True)` returns the better o
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from fer_model import data as D
 from fer_model import metrics as M
 from fer_model.config import TrainConfig
 from fer_model.errors import ConfigError
@@ -22,18 +20,6 @@ NET = dict(arch="resnet", width=0.25, depth=1, dropout=0.1, batch_size=16, lr=3e
 
 def config(**values) -> TrainConfig:
     return TrainConfig.from_dict({**NET, **values})
-
-
-@pytest.fixture(scope="module")
-def small():
-    from synthetic import make_images
-
-    def split(per_class: int, seed: int) -> D.Split:
-        labels = np.repeat(np.arange(7), per_class)
-        return D.Split(torch.from_numpy(make_images(labels, seed))[:, None], torch.from_numpy(labels),
-                       torch.zeros(len(labels), dtype=torch.int8))
-
-    return D.FerData(split(8, 0), split(4, 1), split(4, 2), "synthetic", "small")
 
 
 def states(cfg, data, **kw):

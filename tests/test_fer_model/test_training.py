@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -29,19 +28,6 @@ FAST = dict(batch_size=32, lr=2e-3, dropout=0.3, conv3_channels=64, hidden=64)
 @pytest.fixture(scope="module")
 def tiny(tiny_folder):
     return D.load(D.DataConfig(path=str(tiny_folder), val_fraction=0.25), progress=False)
-
-
-@pytest.fixture(scope="module")
-def small():
-    """Learnable like `tiny` but a quarter of its size (56 train, 28 validation images): fast epochs."""
-    from synthetic import make_images
-
-    def split(per_class: int, seed: int) -> D.Split:
-        labels = np.repeat(np.arange(7), per_class)
-        return D.Split(torch.from_numpy(make_images(labels, seed))[:, None], torch.from_numpy(labels),
-                       torch.zeros(len(labels), dtype=torch.int8))
-
-    return D.FerData(split(8, 0), split(4, 1), split(4, 2), "synthetic", "small")
 
 
 def lrs(history) -> list[float]:
