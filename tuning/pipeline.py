@@ -49,6 +49,7 @@ from tuning.tracking.store import (
     set_tags,
     tracked_run,
     unreachable,
+    versions_of_run,
 )
 from tuning.trials import phases
 from tuning.trials.callbacks import StoreUnavailable
@@ -218,7 +219,7 @@ def drop_partial_model(ctx: StageContext, run_id: str) -> None:
         return
     parsed = urlparse(uri)
     try:  # a version that exists (its response lost on the way back) keeps its model: --resume adopts it
-        if ctx.client.search_model_versions(f"run_id = '{run_id}'"):
+        if versions_of_run(ctx.client, run_id):
             return
     except Exception:  # noqa: BLE001 - the store may be what failed: then nothing was registered either
         pass
@@ -370,8 +371,7 @@ def _final_done(ctx: StageContext, source_run_id: str) -> bool | ModelVersion:
     if any(r.info.status == N.RunStatus.FINISHED for r in runs):
         return True
     for run in runs:
-        versions = [v for v in ctx.client.search_model_versions(f"run_id = '{run.info.run_id}'")
-                    if v.status == "READY"]
+        versions = [v for v in versions_of_run(ctx.client, run.info.run_id) if v.status == "READY"]
         if versions:
             set_tags(ctx.client, run.info.run_id, {N.TAG_OUTCOME: N.Outcome.COMPLETED})
             ctx.client.set_terminated(run.info.run_id, N.RunStatus.FINISHED)

@@ -23,6 +23,7 @@ from tuning.registry import pyfunc
 from tuning.reporting import describe
 from tuning.stages.context import StageContext
 from tuning.stages.final import TTA_PARAM, FinalResult
+from tuning.tracking.store import versions_of_run
 
 log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
@@ -53,7 +54,7 @@ def register(ctx: StageContext, final: FinalResult) -> ModelVersion | None:
     """A new version of `ctx.tracking.model_name` from `final`; None (and no version) if it diverged."""
     if final.diverged:  # a result to look at, never a model to serve
         return None
-    existing = [v for v in ctx.client.search_model_versions(f"run_id = '{final.run_id}'") if v.name == ctx.tracking.model_name]
+    existing = versions_of_run(ctx.client, final.run_id, ctx.tracking.model_name)
     if existing:  # registered already (a retried step): one version per final run
         return existing[0]
     with tempfile.TemporaryDirectory() as d:

@@ -247,6 +247,11 @@ def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str,
     return runs[0] if runs else None
 
 
+def versions_of_run(client: MlflowClient, run_id: str, name: str | None = None) -> list:
+    """The registered model versions made from run `run_id` (of model `name` only, if given)."""
+    return [v for v in client.search_model_versions(f"run_id = '{run_id}'") if name is None or v.name == name]
+
+
 def latest_stage_run(client: MlflowClient, experiment_id: str, stage: str, extra: str = "", statuses=()):
     """The newest run of `stage` (with an extra filter, in one of `statuses`), or None."""
     query = f"tags.`{N.TAG_STAGE}` = '{stage}'" + (f" and {extra}" if extra else "")
