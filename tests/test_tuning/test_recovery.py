@@ -274,9 +274,11 @@ def _kill_the_server_in_the_final_stage(workdir: Path, data: Path, address: str,
     OOM kill) once the final stage (300 epochs: it is still training whatever the machine's speed) has its run."""
     argv = ["--data", data, "--dropouts", "0.3", "--lrs", "1e-3", "--epochs", 1, "--final-epochs", 300,
             "--tracking-uri", server.url, "--address", address]
-    proc = _start(workdir, argv)
     client = MlflowClient(server.url)
-    _wait(proc, lambda: bool(_runs(client, f"tags.`{N.TAG_STAGE}` = '{N.STAGE_FINAL}'")))
+    finals = lambda: {r.info.run_id for r in _runs(client, f"tags.`{N.TAG_STAGE}` = '{N.STAGE_FINAL}'")}
+    before = finals()  # a second driver against the same store: wait for its own final run
+    proc = _start(workdir, argv)
+    _wait(proc, lambda: bool(finals() - before))
     server.send(signal.SIGKILL)
     return proc
 
@@ -288,9 +290,18 @@ def test_sigterm_while_the_server_is_dead_in_the_final_stage_ends_in_seconds(ray
     silent, ignored SIGTERM for 30 s (Tune's SIGINT handler was still installed after the trials), and
     printed Tune's "Stop signal received". Now SIGTERM ends it within 15 s: exit 130, the resume command."""
     server = mlflow_server_process
-    proc = _kill_the_server_in_the_final_stage(workdir, tiny_folder, ray_session, server)
-    time.sleep(3)  # the final stage meets it: its writes now fail and retry
-    assert proc.poll() is None, f"the final stage ended before the fault: {proc.communicate()[1][-2000:]}"
+    for attempt in range(2):
+        proc = _kill_the_server_in_the_final_stage(workdir, tiny_folder, ray_session, server)
+        time.sleep(3)  # the final stage meets it: its writes now fail and retry
+        if proc.poll() is None:
+            break
+        # Killed in the middle of an answer ("Connection broken: IncompleteRead"), which MLflow's client does not
+        # retry, the driver gives up at once: then in the one line of an unreachable server (seen once in CI),
+        # and the SIGTERM path is tried again against the server restarted.
+        err = proc.communicate()[1]
+        assert proc.returncode == 2 and "stopped answering" in err.strip().splitlines()[-1], err[-2000:]
+        assert attempt == 0, f"the final stage ended before the fault twice: {err[-2000:]}"
+        server.start()
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
