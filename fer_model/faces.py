@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -120,14 +121,17 @@ class FaceBatch:
         return torch.from_numpy(self.crops[:, None].copy())
 
 
-def face_batch(values, whole_image: bool = False) -> FaceBatch:
+def face_batch(values, whole_image: bool = False, before_each: Callable[[], None] | None = None) -> FaceBatch:
     """The faces of images as users hold them (bytes, arrays: `fer_model.inputs.image_gray`). With
     `whole_image`, every image is taken as one face (resized whole, as before faces were looked for).
-    A value that is not an image raises ImageError naming its row (``row 1: not a readable image``)."""
+    A value that is not an image raises ImageError naming its row (``row 1: not a readable image``).
+    `before_each` runs before each image is decoded (the served model's deadline check)."""
     from fer_model.inputs import ImageError, image_array, image_gray
 
     crops, rows, faces, no_face = [], [], [], []
     for i, value in enumerate(values):
+        if before_each is not None:
+            before_each()
         try:
             if whole_image:
                 found = [(Face(0, 0, IMAGE_SIZE, IMAGE_SIZE), image_array(value))]

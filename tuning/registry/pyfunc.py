@@ -47,7 +47,7 @@ from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INVALID_PARAMETER_VA
 
 import fer_model
 import tuning
-from fer_model.config import CLASS_NAMES, IMAGE_SIZE, check_tta
+from fer_model.config import CLASS_NAMES, check_tta
 from fer_model.ensemble import average
 from fer_model.faces import face_batch
 from fer_model.inputs import ImageError, image_batch, predict_proba
@@ -156,26 +156,20 @@ def predict_faces(members: Sequence, values: Sequence[Any], tta: str = "none", w
             raise MlflowException(f"the prediction took longer than {deadline_s:g} s and was stopped: send fewer or "
                                   "smaller images a request", error_code=DEADLINE_EXCEEDED)
 
-    faces = []
-    for i, value in enumerate(values):  # one image at a time: the deadline is checked between them
-        check_time()
-        try:
-            faces.append(face_batch([value], whole_image))
-        except ImageError as exc:
-            raise MlflowException(f"row {i}: {str(exc).removeprefix('row 0: ')}", error_code=INVALID_PARAMETER_VALUE) from None
+    try:  # the deadline is checked before each image is decoded
+        batch = face_batch(values, whole_image, before_each=check_time)
+    except ImageError as exc:
+        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
     check_time()
-    crops = np.concatenate([f.crops for f in faces]) if faces else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    frame = predict_frame(members, torch.from_numpy(crops[:, None].copy()), tta)
-    rows = [i for i, f in enumerate(faces) for _ in f.faces]
-    boxes = [face for f in faces for face in f.faces]
-    frame.insert(0, ROW, np.asarray(rows, dtype=np.int64))
+    frame = predict_frame(members, batch.images, tta)
+    boxes = batch.faces
+    frame.insert(0, ROW, np.asarray(batch.rows, dtype=np.int64))
     frame.insert(1, FACE_FOUND, True)
     for j, key in enumerate(BOX_COLUMNS):
         frame.insert(2 + j, key, np.asarray([getattr(b, key) for b in boxes], dtype=np.int64))
     frame.insert(6, FACE_SCORE, np.asarray([NOT_DETECTED if math.isnan(b.score) else b.score for b in boxes], dtype=np.float64))
-    missing = [i for i, f in enumerate(faces) if not f.faces]
-    if missing:
-        none = pd.DataFrame({ROW: np.asarray(missing, dtype=np.int64), FACE_FOUND: False,
+    if batch.no_face:
+        none = pd.DataFrame({ROW: np.asarray(batch.no_face, dtype=np.int64), FACE_FOUND: False,
                              **{k: np.int64(-1) for k in BOX_COLUMNS}, FACE_SCORE: NOT_DETECTED, LABEL: np.int64(-1),
                              EMOTION: NO_FACE, **{c: 0.0 for c in PROB_COLUMNS}})
         frame = pd.concat([frame, none], ignore_index=True).sort_values(ROW, kind="stable", ignore_index=True)
@@ -210,7 +204,6 @@ def save(path: Path, networks: Sequence[tuple[Any, Any]], example_image: np.ndar
     import shutil
     import tempfile
 
-    import torch
 
     with tempfile.TemporaryDirectory() as d:
         code = []
