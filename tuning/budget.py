@@ -13,12 +13,13 @@ with at least rf**(rungs-1) trials (so each rung keeps one trial in rf) where an
 period at least the space's, that favours more rungs (3 -> 9 -> 27) over longer first rungs: each rung
 costs about N * grace epochs and multiplies the longest trial by rf.
 
-Seconds per epoch come from `EPOCH_SPEED` (measured, benchmarks/RESULTS.md) or `measure_epoch_seconds`.
+Seconds per epoch are timed here (`measure_epoch_seconds`), else read from `EPOCH_SPEED` (one machine's, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,10 @@ SPEED_THREADS = 2  # the table's
 # A real epoch (training at a mean speed, then its validation pass) against the table's best speed: the
 # 40-epoch vgg 0.25 run took 79 s an epoch on average, 62 s at 415 img/s (docs/results.md).
 EPOCH_OVERHEAD = 79 / 62
+# A real epoch against `measure_epoch_seconds`'s few steps: augmentation, the checkpoint and a neighbour
+# trial on the other core. 2-core AMX bf16 Xeon: vgg 0.25 timed 36.7 s an epoch alone on 1 thread, 41 s
+# in a search of 2 trials at once (2026-12-01).
+TIMED_OVERHEAD = 41 / 36.7
 FER_TRAINING_IMAGES = 28_709  # FER2013's Training usage; validation is a share of it
 DEFAULT_REDUCTION_FACTOR = 3.0
 
@@ -136,7 +141,8 @@ def measure_epoch_seconds(space: Mapping[str, Any], data_sizes: Mapping[str, int
                           batch_size: int = 64, threads: int | None = None, device: str | None = None) -> dict[str, float]:
     """Seconds an epoch of `data_sizes` (``{"train": n, "val": m}``) takes for each net of `space`, timed
     here: `steps` training steps of random images with fer_model's trainer (after one untimed), and a
-    validation pass over as many images. Seconds of this machine, `threads` torch threads."""
+    validation pass over as many images, times `TIMED_OVERHEAD` for what a real epoch adds. Seconds of
+    this machine, `threads` torch threads."""
     import torch
 
     from fer_model.device import resolve_device
@@ -183,7 +189,7 @@ def _measure(space: Mapping[str, Any], data_sizes: Mapping[str, int], steps: int
         t0 = time.perf_counter()
         predict_outputs(model, split.images, dev, channels_last=cfg.channels_last)
         val_s = (time.perf_counter() - t0) / n
-        out[key] = data_sizes["train"] * train_s + data_sizes.get("val", 0) * val_s
+        out[key] = (data_sizes["train"] * train_s + data_sizes.get("val", 0) * val_s) * TIMED_OVERHEAD
     return out
 
 
@@ -274,11 +280,12 @@ def _epoch_seconds(seconds_per_epoch: Mapping[str, float] | float) -> float:
 def plan(budget_s: float, seconds_per_epoch: Mapping[str, float] | float, concurrent: int, final_epochs: int = 0, *,
          max_epochs: int = 27, min_grace: int = 1, trials: int | None = None, epochs: int | None = None,
          grace_period: int | None = None, reduction_factor: float | None = None, asha: bool = True,
-         flag: str = "--time-budget") -> Plan:
+         flag: str = "--time-budget", final_scale: float = 1.0) -> Plan:
     """The search that fits `budget_s` seconds (see the module's docstring for how it is chosen).
 
     `seconds_per_epoch`: of each net (``{net_key: s}``; the slowest is planned with) or one number;
-    `concurrent`: trials at once; `final_epochs`: the final stage's, for its estimate. `max_epochs` bounds the
+    `concurrent`: trials at once; `final_epochs`: the final stage's, for its estimate, which takes
+    `final_scale` of a trial's seconds an epoch (the final stage has more threads than one trial). `max_epochs` bounds the
     longest trial and `min_grace` the grace period where they are free; `trials`, `epochs`, `grace_period` and
     `reduction_factor` given are kept as they are. A budget too short for one trial is a ConfigError saying the
     least budget."""
@@ -289,7 +296,7 @@ def plan(budget_s: float, seconds_per_epoch: Mapping[str, float] | float, concur
     rf = reduction_factor or DEFAULT_REDUCTION_FACTOR
     cap = epochs or max_epochs
     speeds = dict(seconds_per_epoch) if isinstance(seconds_per_epoch, Mapping) else {}
-    make = lambda n, g, e: Plan(n, g, rf, e, concurrent, spe, budget_s, final_epochs * spe, asha, speeds)
+    make = lambda n, g, e: Plan(n, g, rf, e, concurrent, spe, budget_s, final_epochs * spe * final_scale, asha, speeds)
 
     first = grace_period or min(min_grace, cap)
     least = make(trials or 1, first, epochs or first).search_seconds
@@ -333,14 +340,29 @@ def plan(budget_s: float, seconds_per_epoch: Mapping[str, float] | float, concur
 def plan_for_search(budget_s: float, space: Mapping[str, Any], sizes: Mapping[str, int], concurrent: int,
                     threads: float, final_epochs: int, *, max_epochs: int, min_grace: int,
                     measure: Callable[[Mapping[str, Any], Mapping[str, int]], Mapping[str, float]] | None = None,
-                    **given: Any) -> Plan:
-    """`plan` with the seconds per epoch of `space`'s nets: `EPOCH_SPEED` where it knows them all, else
-    `measure` (default `measure_epoch_seconds`, timed here: a few steps per net)."""
-    speeds = None if measure else table_epoch_seconds(space, sizes, threads)
-    if speeds is None:
-        if measure is None:
-            print(f"time budget: timing a few training steps of {', '.join(space_nets(space))} ...", flush=True)
+                    final_threads: float | None = None, **given: Any) -> Plan:
+    """`plan` with the seconds per epoch of `space`'s nets on this machine: `measure` (default
+    `measure_epoch_seconds`: a few steps per net, timed here, `threads` torch threads as a trial has), else
+    `EPOCH_SPEED` where timing fails and the table knows them all. The table is one machine's: the 2-core
+    AMX bf16 Xeon trains vgg 0.25 at ~41 s an epoch on 1 thread where the table (2 fp32 EPYC threads)
+    plans 168 s, so a table plan ran a 60-minute budget as ~10 minutes of trials.
+
+    `final_threads`: the final stage's torch threads (default this machine's CPUs); its estimate scales
+    the trials' seconds an epoch by threads / final_threads."""
+    speeds = None
+    if measure is not None:
+        speeds = measure(space, sizes)
+    else:
+        print(f"time budget: timing a few training steps of {', '.join(space_nets(space))} ...", flush=True)
+        try:
             speeds = measure_epoch_seconds(space, sizes, threads=int(max(threads, 1)))
-        else:
-            speeds = measure(space, sizes)
-    return plan(budget_s, dict(speeds), concurrent, final_epochs, max_epochs=max_epochs, min_grace=min_grace, **given)
+        except Exception as exc:  # noqa: BLE001 - a net that cannot be timed here: the table, if it knows them all
+            speeds = table_epoch_seconds(space, sizes, threads)
+            if speeds is None:
+                raise
+            print(f"time budget: timing failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                  "planning with benchmarks/RESULTS.md's speeds", flush=True)
+    final_threads = final_threads or float(os.cpu_count() or 1)
+    final_scale = min(max(threads, 1.0) / max(final_threads, 1.0), 1.0)
+    return plan(budget_s, dict(speeds), concurrent, final_epochs, max_epochs=max_epochs, min_grace=min_grace,
+                final_scale=final_scale, **given)
