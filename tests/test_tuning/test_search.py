@@ -148,10 +148,15 @@ def test_space_file_yaml_and_json_give_the_same_space(workdir):
 
 
 @pytest.mark.e2e
-def test_time_budget_ends_the_search_as_finished_not_interrupted(ray_session, workdir, tiny_folder):
-    argv = ["--data", tiny_folder, "--trials", 6, "--epochs", 40, "--scheduler", "none", "--max-concurrent", 1,
+@pytest.mark.parametrize("queued", [False, True])
+def test_time_budget_ends_the_search_as_finished_not_interrupted(ray_session, workdir, tiny_folder, capsys, queued):
+    # queued: two trials at once of 2 CPUs each on Ray's 2, so the second waits for a CPU the budget never
+    # frees: a trial that never started is no interruption (the 60-minute laptop search exited 130 on one).
+    at_once = ["--max-concurrent", 2, "--cpus-per-trial", 2] if queued else ["--max-concurrent", 1]
+    argv = ["--data", tiny_folder, "--trials", 6, "--epochs", 40, "--scheduler", "none", *at_once,
             "--time-budget", 30, "--study-name", "tb", "--no-final"]
     assert run_main(search.main, argv) == 0
+    assert ("had not started when the time budget ran out" in capsys.readouterr().out) == queued
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     parent = _search_run(client)
     assert parent.info.status == "FINISHED"

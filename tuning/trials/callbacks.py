@@ -303,13 +303,18 @@ def summarize(results, setup: TrialSetup, expected: int | None = None) -> list[T
     except Exception as exc:  # noqa: BLE001 - unreachable, full, or refusing reads
         raise StoreUnavailable(f"the MLflow store {setup.tracking_uri} cannot be read ({first_line(exc)}); "
                                "the trials' state is saved") from None
-    rows, cut, unsettled = [], 0, []
+    rows, cut, unsettled, never_started = [], 0, [], 0
     for result in results:
         trial_id = str((result.metrics or {}).get("trial_id") or result.path.rstrip("/").split("/")[-1])
         run = runs.get(trial_id)
         outcome = run.data.tags.get(N.TAG_OUTCOME) if run else (N.Outcome.ERROR if result.error else None)
         if outcome is None or (run is not None and run.info.status in (N.RunStatus.RUNNING, N.RunStatus.KILLED)):
-            if trial_id in stage.ended:
+            if budget_spent and run is None and EPOCH not in (result.metrics or {}) and not result.error:
+                # Queued for a free CPU when the budget ran out (Tune's result holds only its trial_id):
+                # it never ran, so nothing of it is lost
+                # (a 60-minute laptop search ended with exit 130 on one such trial before this).
+                never_started += 1
+            elif trial_id in stage.ended:
                 unsettled.append(trial_id)  # it ended; only its outcome is missing
             else:
                 cut += 1
@@ -322,6 +327,8 @@ def summarize(results, setup: TrialSetup, expected: int | None = None) -> list[T
         why = next((stage.unsettled[t] for t in unsettled if t in stage.unsettled), "its outcome was not written")
         raise StoreUnavailable(f"the MLflow store {setup.tracking_uri} did not record the outcome of {len(unsettled)} "
                                f"finished trial(s) ({why}); nothing was interrupted and no training is lost")
+    if never_started:
+        print(f"{never_started} trial(s) had not started when the time budget ran out", flush=True)
     missing = 0 if expected is None or budget_spent else max(expected - len(results), 0)
     if cut or missing:
         raise Interrupted(f"interrupted with {cut + missing + len(unsettled)} trial(s) unfinished; the state is saved")
