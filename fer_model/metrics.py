@@ -18,8 +18,13 @@ LR = "lr"
 
 EPOCH_METRICS = (TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC, EPOCH_SECONDS, IMAGES_PER_SECOND, LR)
 
+# The validation accuracy of the weights an epoch would keep (`kept_val_acc`): its moving average's where
+# that validated better (`TrainConfig.ema`), else its raw weights' (= VAL_ACC without an average). A trial
+# reports it to Tune beside its row, so ASHA, Optuna and the best trial judge an averaging trial by the
+# weights the final stage would register, not by the raw ones it does not serve.
+VAL_ACC_KEPT = "val_acc_kept"
 # Hyperparameters are chosen on this, never on test data.
-SELECTION_METRIC = VAL_ACC
+SELECTION_METRIC = VAL_ACC_KEPT
 SELECTION_MODE = "max"
 
 # Summaries of a run's epochs (a trial run carries them beside its per-epoch history).
@@ -60,23 +65,37 @@ def member_metric(rank: int, name: str) -> str:
     return f"member{rank}_{name}"
 
 
+def average_is_better(row: Mapping[str, float]) -> bool:
+    """Whether an epoch's averaged weights validated strictly better than its raw ones (it had them, with a
+    finite loss): the one rule for which weights an epoch keeps."""
+    acc = row.get(VAL_ACC_EMA)
+    return acc is not None and math.isfinite(row.get(VAL_LOSS_EMA, math.nan)) and acc > row[VAL_ACC]
+
+
+def kept_val_acc(row: Mapping[str, float]) -> float:
+    """The validation accuracy of the weights an epoch keeps (`VAL_ACC_KEPT`): the average's where better."""
+    return float(row[VAL_ACC_EMA] if average_is_better(row) else row[VAL_ACC])
+
+
 def last_val_acc(history: Sequence[Mapping[str, float]]) -> float:
-    """Validation accuracy at the last epoch (what selection uses); NaN with no epochs."""
-    return float(history[-1][VAL_ACC]) if history else float("nan")
+    """Validation accuracy of the weights kept at the last epoch (what selection uses); NaN with no epochs."""
+    return kept_val_acc(history[-1]) if history else float("nan")
 
 
 def best_val_acc(history: Sequence[Mapping[str, float]]) -> float:
-    """The highest validation accuracy of any epoch; NaN with no epochs."""
-    values = [float(h[VAL_ACC]) for h in history if math.isfinite(h[VAL_ACC])]
+    """The highest validation accuracy of the weights any epoch kept; NaN with no epochs."""
+    values = [kept_val_acc(h) for h in history if math.isfinite(kept_val_acc(h))]
     return max(values) if values else float("nan")
 
 
 def best_epoch(history: Sequence[Mapping[str, float]]) -> int:
-    """The epoch (1-based) of the highest validation accuracy, the first on a tie; 0 with none finite."""
+    """The epoch (1-based) of the highest validation accuracy of its kept weights, the first on a tie; 0
+    with none finite."""
     best, epoch = -math.inf, 0
     for i, h in enumerate(history):
-        if math.isfinite(h[VAL_ACC]) and h[VAL_ACC] > best:
-            best, epoch = float(h[VAL_ACC]), i + 1
+        acc = kept_val_acc(h)
+        if math.isfinite(acc) and acc > best:
+            best, epoch = acc, i + 1
     return epoch
 
 

@@ -331,23 +331,17 @@ def fit(cfg: TrainConfig, data: FerData, on_epoch: EpochCallback | None = None,
         if best["epoch"] != model_epoch or best.get("averaged", False):
             model.load_state_dict(best["model"])
         model_epoch, use_average = best["epoch"], best.get("averaged", False)
-    elif average is not None and history and _average_is_better(history[-1]):
+    elif average is not None and history and M.average_is_better(history[-1]):
         model.load_state_dict(average.state_dict())  # the last epoch's average validated better than its raw weights
         use_average = True
     return FitResult(model=model, history=history, status=status, config=cfg,
                      best_epoch=M.best_epoch(history), model_epoch=model_epoch, averaged=use_average)
 
 
-def _average_is_better(row: Mapping[str, float]) -> bool:
-    """Whether an epoch's averaged weights validated strictly better than its raw ones (finite, and it had them)."""
-    acc = row.get(VAL_ACC_EMA)
-    return acc is not None and math.isfinite(row.get(VAL_LOSS_EMA, math.nan)) and acc > row[M.VAL_ACC]
-
-
 def _best_of_epoch(epoch: int, row: Mapping[str, float], raw: Mapping[str, torch.Tensor],
                    averaged: Mapping[str, torch.Tensor] | None) -> dict[str, Any]:
     """`fit(keep_best=True)`'s candidate for an epoch: its raw or, where they validated better, averaged weights (a CPU copy)."""
-    if averaged is not None and _average_is_better(row):
+    if averaged is not None and M.average_is_better(row):
         return {"epoch": epoch, "val_acc": row[VAL_ACC_EMA], "model": _cpu_copy(averaged), "averaged": True}
     return {"epoch": epoch, "val_acc": row[M.VAL_ACC], "model": _cpu_copy(raw), "averaged": False}
 

@@ -108,6 +108,11 @@ def test_an_epoch_keeps_its_averaged_weights_only_where_they_validated_better():
         kept = _best_of_epoch(2, {**row, **worse}, raw, avg)
         assert not kept["averaged"] and kept["val_acc"] == 0.5 and torch.equal(kept["model"]["w"], raw["w"])
     assert not _best_of_epoch(1, {M.VAL_ACC: 0.5, M.VAL_LOSS: 1.0}, raw, None)["averaged"]
+    # The same rule ranks trials: the accuracy an epoch keeps, and the best epoch by it.
+    assert M.kept_val_acc(row) == 0.6 and M.kept_val_acc({**row, VAL_LOSS_EMA: float("nan")}) == 0.5
+    assert M.kept_val_acc({M.VAL_ACC: 0.5}) == 0.5
+    history = [{**row, M.VAL_ACC: 0.58, VAL_ACC_EMA: 0.55}, row]  # .58 raw, then .5 raw but .6 averaged
+    assert (M.best_epoch(history), M.best_val_acc(history), M.last_val_acc(history)) == (2, 0.6, 0.6)
 
 
 @pytest.mark.parametrize("keep_best", [False, True])

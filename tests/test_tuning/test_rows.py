@@ -104,12 +104,12 @@ def test_ensemble_candidates_skip_the_best_run_and_configurations_already_taken(
 
 
 def _run(run_id: str, trial_id: str | None, params: dict, outcome: str | None, status: str = "FINISHED",
-         parent: str = "parent") -> SimpleNamespace:
+         parent: str = "parent", metrics: dict | None = None) -> SimpleNamespace:
     tags = {N.TAG_PARENT: parent, N.TAG_STAGE: N.STAGE_TRIAL}
     tags.update({N.TAG_TRIAL_ID: trial_id} if trial_id else {})
     tags.update({N.TAG_OUTCOME: outcome} if outcome else {})
     return SimpleNamespace(info=SimpleNamespace(run_id=run_id, run_name=f"name {run_id}", status=status),
-                           data=SimpleNamespace(tags=tags, params=params))
+                           data=SimpleNamespace(tags=tags, params=params, metrics=metrics or {"val_acc": 0.5}))
 
 
 class StandInClient:
@@ -123,8 +123,12 @@ class StandInClient:
         return list(self.runs)
 
     def get_metric_history(self, run_id, key):
-        assert key == "val_acc"
-        return [SimpleNamespace(step=s, timestamp=t, value=v) for s, t, v in self.histories.get(run_id, [])]
+        history = self.histories.get(run_id, [])
+        if isinstance(history, dict):  # {key: [(step, timestamp, value)]}
+            history = history.get(key, [])
+        else:
+            assert key == "val_acc"
+        return [SimpleNamespace(step=s, timestamp=t, value=v) for s, t, v in history]
 
 
 def test_trial_rows_reads_settled_trials_in_trial_order():
@@ -152,3 +156,24 @@ def test_trial_rows_names_a_run_whose_params_are_not_a_configuration():
     client = StandInClient([_run("r9", "abc_00000", {"dropout": "0.3", "momentum": "0.9"}, N.Outcome.COMPLETED)], {})
     with pytest.raises(UserError, match="trial run r9: its params are not a configuration this version reads: .*momentum"):
         trial_rows(client, "7", "parent")
+
+
+def test_an_averaging_trial_ranks_by_the_weights_it_keeps():
+    # b's raw weights end at .50 (below a's .52), its moving average at .56 (finite loss): b is kept at .56.
+    a = row("a", 0.40, 0.52)
+    b = TrialRow("b", {"dropout": 0.3, "lr": 1e-3, "ema": 0.999}, N.Outcome.COMPLETED,
+                 [{"val_acc": 0.45, "val_acc_ema": 0.44, "val_loss_ema": 1.2},
+                  {"val_acc": 0.50, "val_acc_ema": 0.56, "val_loss_ema": 1.1}], run_id="run-b")
+    assert (b.val_acc, b.best_val_acc) == (0.56, 0.56) and ids(ranked([a, b])) == ["b", "a"]
+    nan_loss = TrialRow("c", {}, N.Outcome.COMPLETED, [{"val_acc": 0.50, "val_acc_ema": 0.9, "val_loss_ema": NAN}])
+    assert nan_loss.val_acc == 0.50  # an average with a non-finite loss is never kept
+
+
+def test_trial_rows_reads_an_averaging_trials_average_back():
+    params = {"dropout": "0.3", "lr": "0.001", "ema": "0.999"}
+    runs = [_run("r0", "abc_00000", params, N.Outcome.COMPLETED, metrics={"val_acc": 0.5, "val_acc_ema": 0.6})]
+    histories = {"r0": {"val_acc": [(1, 10, 0.4), (2, 20, 0.5)], "val_acc_ema": [(1, 10, 0.3), (2, 20, 0.6)],
+                        "val_loss_ema": [(1, 10, 1.5), (2, 20, 1.2)]}}
+    (r,) = trial_rows(StandInClient(runs, histories), "7", "parent")
+    assert r.history[1] == {"val_acc": 0.5, "val_acc_ema": 0.6, "val_loss_ema": 1.2} and r.val_acc == 0.6
+    assert r.best_val_acc == 0.6 and r.epochs == 2

@@ -340,5 +340,5 @@ def _history(result) -> list[dict[str, float]]:
     if df is None or df.empty or EPOCH not in df:
         return []
     df = df.sort_values(EPOCH).drop_duplicates(EPOCH, keep="last")
-    keep = [k for k in M.EPOCH_METRICS if k in df]
+    keep = [k for k in (*M.EPOCH_METRICS, M.VAL_LOSS_EMA, M.VAL_ACC_EMA) if k in df]  # the averaged weights' too: rows rank on the weights kept
     return [{k: float(v) for k, v in row.items()} for row in df[keep].to_dict("records")]

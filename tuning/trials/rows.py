@@ -113,8 +113,12 @@ def trial_rows(client, experiment_id: str, parent_run_id: str) -> list[TrialRow]
         except ConfigError as exc:
             raise UserError(f"trial run {run.info.run_id}: its params are not a configuration this version reads: "
                             f"{exc}") from None
-        by_epoch = {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, M.VAL_ACC),
-                                                    key=lambda m: (m.step, m.timestamp))}
-        rows.append(TrialRow(trial_id, config, outcome, [{M.VAL_ACC: by_epoch[e]} for e in sorted(by_epoch)],
+        # The averaged weights' accuracy too where the trial kept an average: the rows rank on the weights kept.
+        keys = [M.VAL_ACC] + ([M.VAL_ACC_EMA, M.VAL_LOSS_EMA] if M.VAL_ACC_EMA in run.data.metrics else [])
+        by_epoch: dict[int, dict[str, float]] = {}
+        for key in keys:
+            for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp)):
+                by_epoch.setdefault(m.step, {})[key] = m.value
+        rows.append(TrialRow(trial_id, config, outcome, [by_epoch[e] for e in sorted(by_epoch) if M.VAL_ACC in by_epoch[e]],
                              run.info.run_id, run.info.run_name))
     return rows

@@ -149,14 +149,14 @@ def train_trial(config: dict[str, Any], data: FerData, setup: TrialSetup, name_k
 
     def on_epoch(r: EpochResult) -> None:
         nonlocal best
-        val = r.metrics[M.VAL_ACC]
+        val = M.kept_val_acc(r.metrics)
         best = val if not math.isfinite(best) or val > best else best
         tracker.log_epoch(r.epoch, {**r.metrics, M.BEST_VAL_ACC: best})
         with timed.time(phases.TRIAL_CHECKPOINT), tempfile.TemporaryDirectory() as d:
             save_checkpoint(r.state(), Path(d) / STATE_FILE)
             (Path(d) / META_FILE).write_text(json.dumps({RUN_ID: tracker.run_id, EPOCH: r.epoch}))
             # Persisted by Ray before report returns, so the temporary folder can go.
-            tune.report({**r.metrics, M.BEST_VAL_ACC: best, EPOCH: r.epoch, RUN_ID: tracker.run_id, DIVERGED: r.diverged},
+            tune.report({**r.metrics, M.VAL_ACC_KEPT: val, M.BEST_VAL_ACC: best, EPOCH: r.epoch, RUN_ID: tracker.run_id, DIVERGED: r.diverged},
                         checkpoint=tune.Checkpoint.from_directory(d))
 
     t0, device = time.perf_counter(), None
