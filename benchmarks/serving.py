@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requests", type=int, default=2000, help="at most this many requests per cell (default 2000)")
     p.add_argument("--concurrency", type=ints, default=[1, 4, 16], help="clients at once (default 1,4,16)")
     p.add_argument("--batch", type=ints, default=[1, 64, 512], help="images a request (default 1,64,512)")
+    p.add_argument("--threads", type=int, default=None, help="tuning.serve --threads of the server started (default: torch's own)")
     p.add_argument("--timeout", type=int, default=60, help="tuning.serve --timeout, and the clients' (default 60)")
     return p
 
@@ -179,6 +180,20 @@ class RssSampler(threading.Thread):
         return self.peak
 
 
+IDLE_WAIT_S = 5.0  # at rest: after this long with no request
+
+
+def idle_rss(pid: int | None) -> int:
+    """The server tree's RSS at rest: the least of a second's samples after IDLE_WAIT_S without requests."""
+    time.sleep(IDLE_WAIT_S)
+    sampler = RssSampler(pid)
+    samples = []
+    for _ in range(10):
+        samples.append(sampler.sample())
+        time.sleep(0.1)
+    return min(samples)
+
+
 @dataclass
 class Cell:
     concurrency: int
@@ -271,11 +286,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, tracking_uri: str, workers: int, timeout: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, tracking_uri: str, workers: int, timeout: int, log: Path,
+                 threads: int | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "tuning.serve", "--model", model, "--tracking-uri", tracking_uri,
-                                 "--port", str(port), "--workers", str(workers), "--timeout", str(timeout)],
+                                 "--port", str(port), "--workers", str(workers), "--timeout", str(timeout),
+                                 *(["--threads", str(threads)] if threads else [])],
                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -368,11 +385,15 @@ def main(argv: list[str] | None = None) -> int:
                 server_pid = listening_pid(urllib.parse.urlsplit(url).port or 80)
                 what = f"the server at {url}"
             else:
-                proc, url = start_server(args.model, tracking_uri, args.workers, args.timeout, Path(tmp) / "serve.log")
+                proc, url = start_server(args.model, tracking_uri, args.workers, args.timeout, Path(tmp) / "serve.log",
+                                         args.threads)
                 server_pid = proc.pid
-                what = f"python -m tuning.serve --workers {args.workers} --model {args.model} at {url}"
+                what = (f"python -m tuning.serve --workers {args.workers}{f' --threads {args.threads}' if args.threads else ''} "
+                        f"--model {args.model} at {url}")
             print(f"served: {what}; each cell {args.seconds:g} s or {args.max_requests} requests, whichever first", flush=True)
             cells = []
+            warm_up(url, payloads[min(args.batch)], args.timeout + 10)
+            idle_before = idle_rss(server_pid)
             for b in args.batch:
                 warm_up(url, payloads[b], args.timeout + 10)
                 for c in args.concurrency:
@@ -380,10 +401,14 @@ def main(argv: list[str] | None = None) -> int:
                                           args.timeout + 10, server_pid))
                     print(f"  ... concurrency {c}, batch {b}: {len(cells[-1].latencies)} requests in {cells[-1].wall:.1f} s",
                           file=sys.stderr, flush=True)
+            idle_after = idle_rss(server_pid)
         finally:
             if proc is not None:
                 stop_server(proc)
     print("\n".join(table(cells, rates, thread_rates)))
+    if idle_before and idle_after:  # does memory come back after the large requests?
+        print(f"server RSS at rest: {idle_before / 2**20:.0f} MiB after warm-up, {idle_after / 2**20:.0f} MiB "
+              f"{IDLE_WAIT_S:g} s after the last cell ({idle_after / idle_before:.2f}x)")
     print(f"load average at the end (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 

@@ -69,6 +69,9 @@ def build_parser() -> Parser:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help=f"scoring-server processes, each holding the model (default {DEFAULT_WORKERS})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of each worker (default: torch's own, this machine's cores; see docs/results.md "
+                        "'Serving' for 1 against 2 on 2 cores)")
     p.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT_S,
                    help=f"seconds a request may take: the server answers 504 past it and the model stops its work "
                         f"(default {DEFAULT_TIMEOUT_S})")
@@ -197,14 +200,17 @@ def server_command(uri: str, host: str, port: int, workers: int, timeout: int) -
             "--env-manager", "local", "--workers", str(workers), "-t", str(timeout)]
 
 
-def server_env(tracking_uri: str, timeout: int) -> dict[str, str]:
+def server_env(tracking_uri: str, timeout: int, threads: int | None = None) -> dict[str, str]:
     """This environment, with this interpreter's folder first on PATH (MLflow starts ``uvicorn`` by name:
-    "uvicorn: not found" from a venv that is not activated), the tracking URI, and the timeout for the
-    server and the model alike."""
+    "uvicorn: not found" from a venv that is not activated), the tracking URI, the timeout for the
+    server and the model alike, and with `threads` each worker's torch threads (torch reads
+    OMP_NUM_THREADS when it starts)."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), *filter(None, [env.get("PATH")])])
     env["MLFLOW_TRACKING_URI"] = tracking_uri
     env[TIMEOUT_ENV] = env[DEADLINE_ENV] = str(timeout)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return env
 
 
@@ -287,12 +293,13 @@ def serve(args) -> int:
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         proc = subprocess.Popen(server_command(served, args.host, args.port, args.workers, args.timeout),
-                                env=server_env(tracking_uri, args.timeout), start_new_session=True)
+                                env=server_env(tracking_uri, args.timeout, args.threads), start_new_session=True)
         url = url_of(args.host, args.port)
         while proc.poll() is None and not stop and not answers_ping(url):
             time.sleep(0.25)
         if proc.poll() is None and not stop:
             workers = f"{args.workers} worker{'s' if args.workers != 1 else ''}"
+            workers += f", {args.threads} torch thread{'s' if args.threads != 1 else ''} each" if args.threads else ""
             print(f"serving {name} at {url} ({workers}, {args.timeout} s a request); Ctrl-C stops it\n"
                   f"a request for your photos, then the call (the body goes in a file: no 'Argument list too long'):\n"
                   f"  {python_command()} -m tuning.serve request PHOTO [PHOTO...] > request.json\n"
@@ -330,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.timeout < 1:
         raise ConfigError(f"--timeout must be >= 1 second, got {args.timeout}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     return serve(args)
 
 

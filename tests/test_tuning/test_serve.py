@@ -104,7 +104,8 @@ class Served:
         self.url = f"http://127.0.0.1:{self.port}"
         self.out, self.err = root / "serve.out", root / "serve.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen(command("--tracking-uri", tracking_uri, "--port", self.port, "--timeout", 30),
+            self.proc = subprocess.Popen(command("--tracking-uri", tracking_uri, "--port", self.port, "--timeout", 30,
+                                                 "--threads", 1),
                                          cwd=root, stdout=out, stderr=err, start_new_session=True)
         self.server_groups: set[int] = set()
 
@@ -256,6 +257,16 @@ def test_the_command_itself_holds_no_model(served):
         (pyfunc.IMAGE_COLUMN, pyfunc.MAX_IMAGES, pyfunc.DEADLINE_ENV)
     assert "libtorch" not in Path(f"/proc/{served.proc.pid}/maps").read_text()
     assert psutil.Process(served.proc.pid).memory_info().rss < 200 * 2**20
+
+
+def test_threads_reach_every_worker_and_a_bad_count_is_refused(served, tmp_path):
+    """--threads 1 (the fixture's): the workers' torch reads OMP_NUM_THREADS when it starts, and the line says so."""
+    assert "1 worker, 1 torch thread each" in served.out.read_text()
+    workers = [c for c in psutil.Process(served.proc.pid).children(recursive=True)
+               if "OMP_NUM_THREADS=1" in Path(f"/proc/{c.pid}/environ").read_text().split("\0")]
+    assert workers, "no server process has OMP_NUM_THREADS=1"
+    done = run_command("--threads", 0, cwd=tmp_path, timeout=60)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == ["error: --threads must be >= 1, got 0"]
 
 
 def test_sigterm_stops_the_server_and_leaves_nothing(served):
