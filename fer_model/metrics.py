@@ -84,7 +84,7 @@ def last_val_acc(history: Sequence[Mapping[str, float]]) -> float:
 
 def best_val_acc(history: Sequence[Mapping[str, float]]) -> float:
     """The highest validation accuracy of the weights any epoch kept; NaN with no epochs."""
-    values = [kept_val_acc(h) for h in history if math.isfinite(kept_val_acc(h))]
+    values = [acc for acc in map(kept_val_acc, history) if math.isfinite(acc)]
     return max(values) if values else float("nan")
 
 
