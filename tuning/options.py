@@ -249,7 +249,10 @@ def final_options(args: argparse.Namespace, trial_epochs: int | None = None,
         epochs, why = args.final_epochs, "--final-epochs" if typed.final_epochs is not None else "the preset's"
     elif trial_epochs:
         epochs = max(1, round(FINAL_EPOCHS_RATIO * trial_epochs))
-        why = f"{FINAL_EPOCHS_RATIO:g} x the trials' {trial_epochs}, the study's ratio; --final-epochs sets it"
+        # A time budget plans the trials' epochs later (they may stop sooner): the final stage follows the space's.
+        planned = getattr(args, "time_budget", None) and getattr(args, "search_epochs", None) is None
+        whose = "the space's" if planned else "the trials'"
+        why = f"{FINAL_EPOCHS_RATIO:g} x {whose} {trial_epochs}, the study's ratio; --final-epochs sets it"
     else:
         epochs, why = DEFAULT_FINAL_EPOCHS, "the study's; --final-epochs sets it"
     if epochs < 1:

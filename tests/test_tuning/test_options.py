@@ -96,3 +96,13 @@ def test_the_quick_preset_fills_unset_flags_and_a_typed_one_wins(tmp_path):
     # --quick's final epochs are the preset's, not the user's: --no-final is not refused for them
     args, typed = grid.parse_args(["--quick", "--no-final"])
     assert options.final_options(args, typed=typed).enabled is False
+
+
+@pytest.mark.parametrize("flags, whose", [([], "the trials' 15"), (["--time-budget", "35m"], "the space's 15"),
+                                          (["--time-budget", "35m", "--epochs", "15"], "the trials' 15")])
+def test_the_final_stage_epochs_say_whose_epochs_they_follow(flags, whose):
+    # A budget plans the trials' epochs after this (the 35m default search's trials stopped at 6): the final
+    # stage's 22 follow the space's 15, and the plan line must not call them the trials'.
+    args = search.build_parser().parse_args(flags)
+    final = options.final_options(args, trial_epochs=options.search_epochs(args))
+    assert final.epochs == 22 and final.why_epochs.startswith(f"1.5 x {whose},")
