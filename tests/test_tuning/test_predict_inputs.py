@@ -42,13 +42,17 @@ def registered(tmp_path_factory) -> tuple[str, str]:
 def test_a_request_beyond_max_images_is_a_400_naming_the_limit():
     assert pyfunc.MAX_IMAGES == 4096
     one = png_bytes(np.zeros((48, 48), np.uint8))
-    assert pyfunc.images_from_frame(pd.DataFrame({pyfunc.IMAGE_COLUMN: [one] * 4096})).shape == (4096, 1, 48, 48)
+    assert len(pyfunc.values_from_frame(pd.DataFrame({pyfunc.IMAGE_COLUMN: [one] * 4096}))) == 4096
     with pytest.raises(MlflowException, match="at most 4096 images, got 4097") as info:
-        pyfunc.images_from_frame(pd.DataFrame({pyfunc.IMAGE_COLUMN: [one] * 4097}))
+        pyfunc.values_from_frame(pd.DataFrame({pyfunc.IMAGE_COLUMN: [one] * 4097}))
     assert info.value.error_code == "INVALID_PARAMETER_VALUE" and info.value.get_http_status_code() == 400
+    spec = ModelSpec("cnn")
+    members = [(build_model(spec).eval(), spec)]
+    values = pyfunc.values_from_frame(pd.DataFrame({pyfunc.IMAGE_COLUMN: [one, png_header(10000, 10000)]}))
     with pytest.raises(MlflowException, match="row 1: image of 10000 x 10000 = 100.0 Mpx exceeds the limit of 40 Mpx") as info:
-        pyfunc.images_from_frame(pd.DataFrame({pyfunc.IMAGE_COLUMN: [one, png_header(10000, 10000)]}))
+        pyfunc.predict_faces(members, values)
     assert info.value.get_http_status_code() == 400
+    assert pyfunc.predict_faces(members, values[:1])[pyfunc.FACE_SCORE].tolist() == [pyfunc.NOT_DETECTED]  # the crop alone
 
 
 def test_predict_skips_an_oversized_file_and_predicts_the_rest(registered, tmp_path, capsys, caplog):

@@ -50,7 +50,7 @@ import tuning
 from fer_model.config import CLASS_NAMES, check_tta
 from fer_model.ensemble import average
 from fer_model.faces import face_batch
-from fer_model.inputs import ImageError, image_batch, predict_proba
+from fer_model.inputs import ImageError, predict_proba
 from fer_model.model import load_network, save_network
 
 IMAGE_COLUMN = "image"
@@ -117,16 +117,6 @@ def _decoded(row: int, value: Any) -> Any:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise MlflowException(f"row {row}: a string must be a base64-encoded image", error_code=INVALID_PARAMETER_VALUE) from None
-
-
-def images_from_frame(frame: Any):
-    """The ``image`` column as uint8 (N, 1, 48, 48), each image resized whole; a bad value is a 400-class
-    error naming its row, more than `MAX_IMAGES` rows one naming the limit."""
-    values = values_from_frame(frame)
-    try:
-        return image_batch(values)
-    except ImageError as exc:
-        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
 
 def member_probabilities(members: Sequence, images, tta: str = "none") -> np.ndarray:
