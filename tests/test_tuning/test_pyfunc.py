@@ -111,3 +111,28 @@ def test_work_stops_at_the_deadline_with_a_504():
         pyfunc.predict_faces(members, _photos(), deadline_s=0.0)
     assert exc.value.get_http_status_code() == 504
     assert len(pyfunc.predict_faces(members, _photos(), deadline_s=60.0)) == 3
+
+
+def test_a_prediction_runs_on_its_share_of_torch_threads_and_leaves_them_as_they_were(saved_model, monkeypatch):
+    share = pyfunc.ThreadShare(cores=4)
+    assert share.share(1) == share.share(pyfunc.SMALL_BATCH - 1) == 1  # small: one thread, however idle
+    share.in_flight = 1
+    assert share.share(pyfunc.SMALL_BATCH) == 4  # large and alone: every core
+    share.in_flight = 3
+    assert share.share(64) == 1 and pyfunc.ThreadShare(cores=8).share(64) == 8
+    share.in_flight = 0
+
+    # Through the served path, from worker threads as MLflow's scoring server calls the model.
+    seen: list[int] = []
+    real = pyfunc.predict_frame
+    monkeypatch.setattr(pyfunc, "predict_frame", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    inner = saved_model.unwrap_python_model()
+    before = torch.get_num_threads()
+    crop = pyfunc.png_bytes(np.full((48, 48), 90, np.uint8))
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        for n in (1, pyfunc.SMALL_BATCH):
+            pool.submit(saved_model.predict, pd.DataFrame({pyfunc.IMAGE_COLUMN: [crop] * n})).result()
+    assert seen == [1, inner.threads.cores] and inner.threads.in_flight == 0
+    assert torch.get_num_threads() == before

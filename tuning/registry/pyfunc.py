@@ -17,7 +17,8 @@ Output: one row per face: ``row`` (the input row it came from), ``face_found``, 
 outputs logits (Model 2) or probabilities (Model 1). An input with no face gives one row with
 ``face_found`` false, ``emotion`` "no face", ``label`` -1 and probabilities 0: never a guess. (No NaN
 anywhere: a served answer is JSON that every parser reads.) Images go through the network `SERVE_BATCH` at a
-time, which bounds a request's memory.
+time, which bounds a request's memory. Each request runs on its share of torch's threads (`ThreadShare`): one
+for a small request, all of them for a large one alone, the cores divided among requests in flight.
 
 One class holds one or more member networks (their probabilities averaged), so an ensemble registers
 the same way. A model saved with a test-time augmentation (``tta``: flip, tencrop; in its MLmodel's
@@ -30,9 +31,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import math
 import os
+import threading
 import time
 from importlib.metadata import version as _version
 from pathlib import Path
@@ -70,6 +73,12 @@ MEMBER_PREFIX = "member_"
 # memory stays one image's); tuning.predict sends larger sets in requests of this size.
 MAX_IMAGES = 4096
 TTA_CONFIG = "tta"  # model_config key: the test-time augmentation predictions average over
+# Images a forward pass below which a request runs on one torch thread (each TTA view and member is a pass
+# of the request's images). From a worker thread, as MLflow's scoring server calls the model (bf16 Xeon,
+# 2 cores, vgg 0.25 with tencrop), one thread against two: 47.3 / 20.9 img/s at 1 image a request, 102.0 /
+# 81.8 at 8, 114.1 / 121.7 at 16, 107.5 / 149.0 at 64 (docs/results.md "Serving threads"): for a small
+# pass, waking the second thread for each layer costs more than it brings.
+SMALL_BATCH = 16
 
 
 class FerClassifier(mlflow.pyfunc.PythonModel):
@@ -79,11 +88,44 @@ class FerClassifier(mlflow.pyfunc.PythonModel):
         keys = sorted((k for k in context.artifacts if k.startswith(MEMBER_PREFIX)), key=lambda k: int(k[len(MEMBER_PREFIX):]))
         self.members = [load_network(context.artifacts[k]) for k in keys]
         self.tta = check_tta((context.model_config or {}).get(TTA_CONFIG, "none"))
+        self.threads = ThreadShare()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         deadline = float(os.environ[DEADLINE_ENV]) if os.environ.get(DEADLINE_ENV) else None
         whole = bool((params or {}).get(WHOLE_IMAGE_PARAM, False))
-        return predict_faces(self.members, values_from_frame(model_input), self.tta, whole, deadline)
+        return predict_faces(self.members, values_from_frame(model_input), self.tta, whole, deadline, self.threads)
+
+
+class ThreadShare:
+    """Each prediction's torch threads: one for fewer than `SMALL_BATCH` images, else this process's
+    threads (torch's default, or OMP_NUM_THREADS: `tuning.serve --threads`) divided among the predictions
+    in flight, at least one each. `torch.set_num_threads` from the predicting thread sets that thread's
+    OpenMP team, so concurrent requests each run on their own share."""
+
+    def __init__(self, cores: int | None = None) -> None:
+        self.cores = cores or torch.get_num_threads()
+        self._lock = threading.Lock()
+        self.in_flight = 0
+
+    def share(self, images: int) -> int:
+        """The threads a prediction of `images` gets now, with `in_flight` predictions running (itself too)."""
+        if images < SMALL_BATCH:
+            return 1
+        return max(1, self.cores // max(1, self.in_flight))
+
+    @contextlib.contextmanager
+    def threads_for(self, images: int):
+        """Run the block on this prediction's share of threads (yielded); torch's setting is restored after."""
+        with self._lock:
+            self.in_flight += 1
+            n = self.share(images)
+        torch.set_num_threads(n)
+        try:
+            yield n
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+            torch.set_num_threads(self.cores)
 
 
 def values_from_frame(frame: Any) -> list[Any]:
@@ -136,9 +178,10 @@ def predict_frame(members: Sequence, images, tta: str = "none") -> pd.DataFrame:
 
 
 def predict_faces(members: Sequence, values: Sequence[Any], tta: str = "none", whole_image: bool = False,
-                  deadline_s: float | None = None) -> pd.DataFrame:
+                  deadline_s: float | None = None, threads: ThreadShare | None = None) -> pd.DataFrame:
     """One row per face of `values` (images as users hold them), then one per input without a face, in
-    input order (see the module docstring). Past `deadline_s` seconds the work stops with a 504-class error."""
+    input order (see the module docstring). Past `deadline_s` seconds the work stops with a 504-class error.
+    With `threads`, the networks run on the share of torch's threads it gives this many faces."""
     start = time.monotonic()
 
     def check_time() -> None:
@@ -151,7 +194,8 @@ def predict_faces(members: Sequence, values: Sequence[Any], tta: str = "none", w
     except ImageError as exc:
         raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
     check_time()
-    frame = predict_frame(members, batch.images, tta)
+    with threads.threads_for(len(batch.images)) if threads is not None else contextlib.nullcontext():
+        frame = predict_frame(members, batch.images, tta)
     boxes = batch.faces
     frame.insert(0, ROW, np.asarray(batch.rows, dtype=np.int64))
     frame.insert(1, FACE_FOUND, True)
