@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import ctypes
 import io
 import math
 import os
@@ -93,7 +94,22 @@ class FerClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         deadline = float(os.environ[DEADLINE_ENV]) if os.environ.get(DEADLINE_ENV) else None
         whole = bool((params or {}).get(WHOLE_IMAGE_PARAM, False))
-        return predict_faces(self.members, values_from_frame(model_input), self.tta, whole, deadline, self.threads)
+        values = values_from_frame(model_input)
+        try:
+            return predict_faces(self.members, values, self.tta, whole, deadline, self.threads)
+        finally:
+            if len(values) >= SMALL_BATCH:
+                release_memory()
+
+
+def release_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere): after a
+    large request the server otherwise kept them."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.malloc_trim(0)
 
 
 class ThreadShare:
