@@ -256,7 +256,7 @@ def describe_final(result: FinalResult, version: ModelVersion | None, full_data:
     tta = f"; {result.tta_line()}" if result.tta_evaluation is not None else ""
     members = f"{len(result.members)} members x " if result.ensemble else ""
     text = (f"final: {members}{result.inputs.config.epochs} epochs in {result.train_seconds:.0f} s; "
-            f"{'member 1: ' if members else ''}{result.weights_line()}; "
+            f"{'member 1: ' if members else ''}{result.weights_line()}; {'the ensemble: ' if members else ''}"
             f"{describe_test(result.evaluation.metrics)}{beside}{tta}\n")
     if result.ensemble:
         text += f"{result.ensemble_line()}\n"

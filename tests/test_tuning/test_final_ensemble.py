@@ -143,6 +143,8 @@ def test_tuning_final_registers_an_ensemble_that_loads_in_a_fresh_process(workdi
     assert all(m.config.epochs == 1 for m in result.members) and result.members[0].model is result.model
     ensemble_acc = result.evaluation.metrics[M.TEST_ACC]
     assert f"ensemble of 3: test accuracy {100 * ensemble_acc:.2f}% (members " in out
+    # The final line's accuracy is the ensemble's, not member 1's beside which it stands.
+    assert f"; the ensemble: test accuracy {100 * ensemble_acc:.2f}%" in out
     assert ", ".join(f"{100 * m.test_acc:.2f}%" for m in result.members) in out
 
     client = client_for(uri)
