@@ -70,8 +70,9 @@ def build_parser() -> Parser:
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help=f"scoring-server processes, each holding the model (default {DEFAULT_WORKERS})")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads of each worker (default: torch's own, this machine's cores; see docs/results.md "
-                        "'Serving' for 1 against 2 on 2 cores)")
+                   help="torch threads of each worker, the most one request uses (default: torch's own, this machine's "
+                        "cores); a model registered since ThreadShare runs a request of under 16 images on one and "
+                        "shares them among the requests in flight (docs/mlflow.md 'Serve')")
     p.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT_S,
                    help=f"seconds a request may take: the server answers 504 past it and the model stops its work "
                         f"(default {DEFAULT_TIMEOUT_S})")

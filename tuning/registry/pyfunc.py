@@ -77,8 +77,9 @@ TTA_CONFIG = "tta"  # model_config key: the test-time augmentation predictions a
 # Images a forward pass below which a request runs on one torch thread (each TTA view and member is a pass
 # of the request's images). From a worker thread, as MLflow's scoring server calls the model (bf16 Xeon,
 # 2 cores, vgg 0.25 with tencrop), one thread against two: 47.3 / 20.9 img/s at 1 image a request, 102.0 /
-# 81.8 at 8, 114.1 / 121.7 at 16, 107.5 / 149.0 at 64 (docs/results.md "Serving threads"): for a small
-# pass, waking the second thread for each layer costs more than it brings.
+# 81.8 at 8, 114.1 / 121.7 at 16, 107.5 / 149.0 at 64 (benchmarks/serve_threads.py; docs/results.md
+# "Serving threads: each request its share"): for a small pass, waking the second thread for each layer
+# costs more than it brings.
 SMALL_BATCH = 16
 
 
