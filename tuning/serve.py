@@ -5,7 +5,7 @@
     python -m tuning.serve request photo.jpg more.png > request.json     # a request body, for curl -d @request.json
 
 It runs ``mlflow models serve --env-manager local`` with this interpreter (so a virtual environment
-need not be activated: the scoring server's ``uvicorn`` is found beside it) after checking, in one line
+need not be activated: MLflow's ``uvicorn`` is a shim that runs this interpreter's) after checking, in one line
 and exit code 2 each, that the store is usable, the model's alias (or version) exists and the model
 loads, and that the port is free. An alias is resolved once, here: the version checked is the version
 served, whatever moves the alias later. The server runs in its own process group; Ctrl-C or SIGTERM is
@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -201,13 +202,24 @@ def server_command(uri: str, host: str, port: int, workers: int, timeout: int) -
             "--env-manager", "local", "--workers", str(workers), "-t", str(timeout)]
 
 
-def server_env(tracking_uri: str, timeout: int, threads: int | None = None) -> dict[str, str]:
-    """This environment, with this interpreter's folder first on PATH (MLflow starts ``uvicorn`` by name:
-    "uvicorn: not found" from a venv that is not activated), the tracking URI, the timeout for the
-    server and the model alike, and with `threads` each worker's torch threads (torch reads
-    OMP_NUM_THREADS when it starts)."""
+def uvicorn_shim(folder: Path) -> Path:
+    """A ``uvicorn`` in `folder` that runs this interpreter's ``-m uvicorn``. MLflow starts the scoring
+    server as the shell command ``uvicorn ...``: by name, so from a venv that is not activated it is "not
+    found", and from a venv with ``--system-site-packages`` (no uvicorn script of its own) it is the
+    system's, another interpreter that would import another installation of this project."""
+    shim = folder / "uvicorn"
+    shim.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m uvicorn \"$@\"\n")
+    shim.chmod(0o755)
+    return shim
+
+
+def server_env(tracking_uri: str, timeout: int, threads: int | None = None, bin_dir: Path | None = None) -> dict[str, str]:
+    """This environment, with `bin_dir` (where `uvicorn_shim` wrote) and this interpreter's folder first
+    on PATH, the tracking URI, the timeout for the server and the model alike, and with `threads` each
+    worker's torch threads (torch reads OMP_NUM_THREADS when it starts)."""
     env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), *filter(None, [env.get("PATH")])])
+    first = [str(bin_dir)] if bin_dir else []
+    env["PATH"] = os.pathsep.join([*first, os.path.dirname(sys.executable), *filter(None, [env.get("PATH")])])
     env["MLFLOW_TRACKING_URI"] = tracking_uri
     env[TIMEOUT_ENV] = env[DEADLINE_ENV] = str(timeout)
     if threads:
@@ -292,9 +304,12 @@ def serve(args) -> int:
             stop.append(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    bin_dir = tempfile.TemporaryDirectory(prefix="tuning-serve-")  # the uvicorn shim, for the server's lifetime
     try:
+        uvicorn_shim(Path(bin_dir.name))
         proc = subprocess.Popen(server_command(served, args.host, args.port, args.workers, args.timeout),
-                                env=server_env(tracking_uri, args.timeout, args.threads), start_new_session=True)
+                                env=server_env(tracking_uri, args.timeout, args.threads, Path(bin_dir.name)),
+                                start_new_session=True)
         url = url_of(args.host, args.port)
         while proc.poll() is None and not stop and not answers_ping(url):
             time.sleep(0.25)
@@ -325,6 +340,7 @@ def serve(args) -> int:
             stop_group(proc)  # an error of ours: never leave the server behind
         for s, handler in previous.items():
             signal.signal(s, handler)
+        bin_dir.cleanup()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -259,6 +259,16 @@ def test_the_command_itself_holds_no_model(served):
     assert psutil.Process(served.proc.pid).memory_info().rss < 200 * 2**20
 
 
+def test_the_scoring_server_runs_on_this_interpreter(served, tmp_path):
+    """MLflow starts ``uvicorn`` by name; the shim first on PATH makes it this interpreter's, not whichever
+    ``uvicorn`` the PATH holds (a --system-site-packages venv has none of its own: the system's would run)."""
+    uvicorns = [c.cmdline() for c in psutil.Process(served.proc.pid).children(recursive=True) if "uvicorn" in c.cmdline()]
+    assert uvicorns and all(cmd[:3] == [sys.executable, "-m", "uvicorn"] for cmd in uvicorns), uvicorns
+    shim = serve.uvicorn_shim(tmp_path)
+    done = subprocess.run([str(shim), "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "uvicorn" in done.stdout.lower()
+
+
 def test_threads_reach_every_worker_and_a_bad_count_is_refused(served, tmp_path):
     """--threads 1 (the fixture's): the workers' torch reads OMP_NUM_THREADS when it starts, and the line says so."""
     assert "1 worker, 1 torch thread each" in served.out.read_text()
