@@ -418,11 +418,16 @@ def _command(opts: CommonOptions, body: Callable[[StageContext], StageResult], r
             raise StoreUnavailable(f"the MLflow server {opts.tracking.uri} stopped answering ({silent}); once it "
                                    f"is back, continue with: {resume_command}") from None
         raise
-    print(f"wall time {time.perf_counter() - t0:.0f} s; {result.stage} run {result.parent_run_id}")
+    _closing_lines(opts, t0, f"{result.stage} run {result.parent_run_id}", ctx.experiment_id, inspect)
+    return result
+
+
+def _closing_lines(opts: CommonOptions, t0: float, what: str, experiment_id: str, inspect: str = "") -> None:
+    """Every command's last lines: its wall time and run, how to look at it, the link to its training runs."""
+    print(f"wall time {time.perf_counter() - t0:.0f} s; {what}")
     print(f"inspect: {report.mlflow_ui_command(opts.tracking.uri)}{inspect}")
     server = opts.tracking.uri if opts.tracking.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    print(f"training runs: {describe.experiment_url(server, ctx.experiment_id)}")
-    return result
+    print(f"training runs: {describe.experiment_url(server, experiment_id)}")
 
 
 def retrain(opts: CommonOptions, source_run_id: str) -> FinalResult:
@@ -433,8 +438,10 @@ def retrain(opts: CommonOptions, source_run_id: str) -> FinalResult:
     except Exception as exc:  # noqa: BLE001 - MLflow raises its own error types for unknown ids
         raise UserError(f"no run {source_run_id!r} in {opts.tracking.uri}: {first_line(exc)}") from None
     best = read_best_config(client, source_run_id)
+    t0 = time.perf_counter()
     with session(opts, with_ray=False, experiment_id=source.info.experiment_id) as ctx:  # beside its source run
         result, _ = final(ctx, opts.final, source_run_id, best, source.data.tags.get(N.TAG_BEST_TRIAL_RUN) or None)
+    _closing_lines(opts, t0, f"final run {result.run_id}", source.info.experiment_id)
     return result
 
 

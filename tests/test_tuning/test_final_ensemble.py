@@ -145,6 +145,8 @@ def test_tuning_final_registers_an_ensemble_that_loads_in_a_fresh_process(workdi
     assert f"ensemble of 3: test accuracy {100 * ensemble_acc:.2f}% (members " in out
     # The final line's accuracy is the ensemble's, not member 1's beside which it stands.
     assert f"; the ensemble: test accuracy {100 * ensemble_acc:.2f}%" in out
+    # tuning.final ends as every command does: its wall time and run, the inspect and training-runs lines.
+    assert f"s; final run {result.run_id}\ninspect: mlflow ui" in out and "\ntraining runs: http://" in out
     assert ", ".join(f"{100 * m.test_acc:.2f}%" for m in result.members) in out
 
     client = client_for(uri)
