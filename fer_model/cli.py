@@ -148,7 +148,10 @@ def sigterm_as_ctrl_c() -> None:
         STOPPING.set()
         for apply, _ in _ON_STOP:
             apply()
-        os.kill(os.getpid(), signal.SIGINT)
+        if callable(signal.getsignal(signal.SIGINT)):  # Python's KeyboardInterrupt, or Ray Tune's stop during fit()
+            os.kill(os.getpid(), signal.SIGINT)
+        else:  # SIGINT ignored (a background job of a non-interactive shell, `cmd &`, starts so): nothing would raise
+            raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():  # signal handlers: main thread only
         signal.signal(signal.SIGTERM, handler)
