@@ -136,3 +136,15 @@ def test_a_prediction_runs_on_its_share_of_torch_threads_and_leaves_them_as_they
             pool.submit(saved_model.predict, pd.DataFrame({pyfunc.IMAGE_COLUMN: [crop] * n})).result()
     assert seen == [1, inner.threads.cores] and inner.threads.in_flight == 0
     assert torch.get_num_threads() == before
+
+
+def test_a_large_request_hands_free_memory_back_and_a_small_one_does_not(saved_model, monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(pyfunc, "release_memory", lambda: calls.append(1))
+    crop = pyfunc.png_bytes(np.full((48, 48), 90, np.uint8))
+    saved_model.predict(pd.DataFrame({pyfunc.IMAGE_COLUMN: [crop]}))
+    assert calls == []
+    saved_model.predict(pd.DataFrame({pyfunc.IMAGE_COLUMN: [crop] * pyfunc.SMALL_BATCH}))
+    assert calls == [1]
+    monkeypatch.undo()
+    pyfunc.release_memory()  # the real one runs without error, glibc or not

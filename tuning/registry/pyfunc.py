@@ -107,10 +107,11 @@ def release_memory() -> None:
     """Hand the C heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere): after a
     large request the server otherwise kept them."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+        trim = getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
+    except OSError:  # not glibc (macOS, musl): nothing to do
         return
-    libc.malloc_trim(0)
+    if trim is not None:
+        trim(0)
 
 
 class ThreadShare:
