@@ -341,7 +341,9 @@ def test_mlflow_server_down_mid_trial_loses_no_epoch(ray_session, workdir, tiny_
 def test_frozen_mlflow_server_does_not_stall_training(ray_session, workdir, tiny_folder, mlflow_server_process):
     """The server's process group is SIGSTOPped for FROZEN seconds (requests hang, none is refused),
     then SIGCONT: every metric arrives, and the epochs trained meanwhile took no longer."""
-    server, epochs, frozen = mlflow_server_process, 8, 8.0
+    # 20 epochs: on the bf16 Xeon a tiny epoch takes 0.15-0.25 s, and with 8 the trial once finished before the
+    # fault thread had seen epoch 2 in MLflow and frozen the server (no epoch inside the freeze).
+    server, epochs, frozen = mlflow_server_process, 20, 8.0
 
     def freeze(times: dict) -> None:
         server.send(signal.SIGSTOP)
