@@ -19,8 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from benchmarks.machine import cpu_flags  # noqa: E402
-from benchmarks.serving import ints  # noqa: E402
+from benchmarks.serving import ints, machine_lines  # noqa: E402
 from tuning.serve import DEFAULT_MODEL  # noqa: E402
 
 
@@ -54,9 +53,7 @@ def main() -> int:
 
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
-    info = cpu_flags()
-    print(f"cpu: {info['cpu']}, {info['cores']} cores; avx512_bf16: {'yes' if info['avx512_bf16'] else 'no'}, "
-          f"amx_bf16: {'yes' if info['amx_bf16'] else 'no'}", flush=True)
+    print("\n".join(machine_lines()), flush=True)  # the CPU, its bf16 flags and the load: as serving.py prints them
     inner = mlflow.pyfunc.load_model(args.model).unwrap_python_model()
     cores = torch.get_num_threads()
     print(f"model {args.model}: {len(inner.members)} network(s), tta {inner.tta}; all threads: {cores}", flush=True)
